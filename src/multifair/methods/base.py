@@ -1,0 +1,149 @@
+"""The method hook protocol: every training method is one small file implementing these hooks
+around the one loop in `multifair.training.trainer`.
+
+The loop, per optimisation step (see trainer.py for the real code):
+
+    out = method.forward(model, batch)                  # ONE forward pass -> ModelOutput
+    loss = method.loss(out, batch, ctx)                 # LossOutput(total, parts, signals)
+    method.backward(loss, out, batch, ctx)              # default: ctx.scale(loss.total).backward()
+    ctx.unscale_()                                      # fp16 GradScaler: gradients in true units
+    method.modulate_gradients(model, loss, ctx)         # gradient edits (OGM-GE, CGGM, MultiFair)
+    clip_grad_norm_(all params, clip)                   # clipping AFTER gradient edits
+    factors = method.lr_factors(loss, ctx)              # per-modality step-size factors or None
+    set lr of group m = scheduled_lr * factors[m]       # encoder groups only
+    optimizer.step(); scheduler.step()
+
+Epoch hooks: `on_epoch_start(ctx)` (e.g. PMR prototypes, OGM-GE window), `on_epoch_end(ctx)`.
+State (EMAs, previous AUCs, group weights) lives in registered buffers, so the method's
+`state_dict()` goes into the checkpoint and `--resume` restores it. A method's learnable
+parameters (FIN, adversary) are trained with the "rest" optimizer group.
+
+Hot-path rule: no host synchronisation inside the step. Signals stay tensors on the device
+(`torch.where`, masked matrices, no `.item()`, no boolean indexing, no Python branch on a
+tensor value); the loop turns `loss.signals` into numbers only every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from multifair.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+# Keys of a batch that are not modalities.
+RESERVED_KEYS = frozenset({"label", "group", "attributes", "sample_id", "index"})
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass of `MultimodalClassifier` returns."""
+
+    logits: Tensor  # (B, C) fused prediction
+    features: dict[str, Tensor]  # h_i (B, d) per modality, attached to the encoders' graph
+    aux_logits: dict[str, Tensor]  # C_i(stopgrad(h_i)) (B, C): trains only the auxiliary heads
+    head_input: Tensor  # (B, d) input of the head's last linear layer (closed-form gradients)
+
+
+@dataclass
+class LossOutput:
+    """What `Method.loss` returns. `total` is what gets backpropagated."""
+
+    total: Tensor  # scalar
+    parts: dict[str, Tensor] = field(default_factory=dict)  # detached loss parts, for the log
+    # per-step signals for the log and later hooks (B_i, f_i, gap, fairness mode, ...): tensors
+    signals: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """What the loop hands to the hooks. Built once per step by the trainer."""
+
+    step: int  # global optimisation step (0-based)
+    epoch: int  # 0-based
+    total_steps: int
+    n_groups: int  # number of groups of the training attribute (codes 0..n_groups-1; -1 unknown)
+    # all_gather of a per-rank tensor along dim 0 (identity when not distributed). Use it for
+    # detached batch signals so every rank computes identical factors.
+    gather: Callable[[Tensor], Tensor]
+    # multiply a loss by the AMP GradScaler scale (identity without fp16)
+    scale: Callable[[Tensor], Tensor]
+    model: nn.Module | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. a train-loader iterator for PMR
+
+
+class MethodParams(BaseModel):
+    """Base for each method's hyper-parameters; unknown keys are errors naming the key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method(nn.Module):
+    """Plain joint training (ERM) behaviour; subclasses override the hooks they need."""
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    # FIN-style methods that need the sensitive attribute at inference set this, and every
+    # table they appear in says so.
+    uses_attribute_at_test: ClassVar[bool] = False
+    # Methods that read per-modality step-size factors need one optimizer group per encoder
+    # (the trainer always builds them; this flag only documents the intent).
+    acts_on_step_size: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, modalities: list[str], n_groups: int) -> None:
+        super().__init__()
+        self.params = params
+        self.modalities = list(modalities)
+        self.n_groups = n_groups
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
+        return model(batch)
+
+    # ---- loss --------------------------------------------------------------------------
+    def loss(self, out: ModelOutput, batch: Mapping[str, Any], ctx: StepContext) -> LossOutput:
+        """Task CE on the fused logits plus the auxiliary heads' CE (which only train C_i)."""
+        y = batch["label"]
+        task = nn.functional.cross_entropy(out.logits.float(), y)
+        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        total = task + aux
+        return LossOutput(total, {"task": task.detach(), "aux": torch.as_tensor(aux).detach()})
+
+    # ---- backward and gradient edits ---------------------------------------------------
+    def backward(
+        self, loss: LossOutput, out: ModelOutput, batch: Mapping[str, Any], ctx: StepContext
+    ) -> None:
+        ctx.scale(loss.total).backward()
+
+    def modulate_gradients(
+        self, model: nn.Module, loss: LossOutput, ctx: StepContext
+    ) -> dict[str, Tensor]:
+        """Edit gradients in place (after unscaling, before clipping). Returns stats to log."""
+        return {}
+
+    def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor] | None:
+        """Per-modality step-size factors (tensors or floats) or None for plain steps."""
+        return None
+
+    # ---- epochs ------------------------------------------------------------------------
+    def on_epoch_start(self, ctx: StepContext) -> dict[str, Any]:
+        return {}
+
+    def on_epoch_end(self, ctx: StepContext) -> dict[str, Any]:
+        return {}
+
+
+def build_method(
+    name: str, params: Mapping[str, Any] | None, modalities: list[str], n_groups: int
+) -> Method:
+    """Look up a registered method and validate its hyper-parameters."""
+    from multifair.config import validate
+
+    cls = METHODS.get(name)
+    parsed = validate(cls.Params, dict(params or {}), source=f"method {name!r}")
+    return cls(parsed, modalities, n_groups)
