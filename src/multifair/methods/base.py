@@ -95,6 +95,11 @@ class Method(nn.Module):
     # (the trainer always builds them; this flag only documents the intent).
     acts_on_step_size: ClassVar[bool] = False
 
+    @classmethod
+    def model_modalities(cls, params: MethodParams, modalities: list[str]) -> list[str]:
+        """Which of the dataset's modalities the model is built with (unimodal: one)."""
+        return list(modalities)
+
     def __init__(self, params: MethodParams, modalities: list[str], n_groups: int) -> None:
         super().__init__()
         self.params = params
