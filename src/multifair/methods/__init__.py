@@ -1,6 +1,8 @@
 """Training methods. Each module registers itself in `METHODS`; importing this package
 imports every method explicitly (no discovery magic)."""
 
+# Method modules (each registers itself on import).
+from multifair.methods import lr_split, multifair_adam  # noqa: F401
 from multifair.methods.base import (
     METHODS,
     LossOutput,

@@ -1,0 +1,43 @@
+"""`lr_split`: a constant per-encoder learning-rate split, set by hand - the control for
+`multifair_adam` (spec method.md section 7).
+
+lr_i = scheduled_lr * factors[i] on encoder i's optimizer group, every step, nothing else
+changed. Given the adaptive method's mean factors (e.g. {fundus: 0.64, oct: 1.36}) it shows
+how much of that method's effect a fixed split already buys: in the prototype two thirds;
+the rest is the adaptive part finding which modality lags without being told. Modalities
+not named keep factor 1; no factors at all is plain training (`erm`).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveFloat
+
+from multifair.errors import UserError
+from multifair.methods.base import METHODS, LossOutput, Method, MethodParams, StepContext
+
+
+class LrSplitParams(MethodParams):
+    """`factors`: modality -> constant learning-rate factor (> 0)."""
+
+    factors: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+
+@METHODS.register("lr_split")
+class LrSplit(Method):
+    """Constant per-encoder step-size factors."""
+
+    Params = LrSplitParams
+    acts_on_step_size = True
+
+    def __init__(self, params: LrSplitParams, modalities: list[str], n_groups: int) -> None:
+        super().__init__(params, modalities, n_groups)
+        unknown = sorted(set(params.factors) - set(self.modalities))
+        if unknown:
+            raise UserError(
+                f"method 'lr_split': factors: unknown modality {unknown[0]!r}. "
+                f"Available: {self.modalities}"
+            )
+        self.factors = {m: float(params.factors.get(m, 1.0)) for m in self.modalities}
+
+    def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, float]:
+        return dict(self.factors)

@@ -1,0 +1,217 @@
+"""`multifair_adam`: modality balance on each encoder's STEP SIZE, plus an optional
+group-AUC-gap loss on the fused prediction (spec method.md section 7).
+
+Why step sizes: AdamW divides every gradient by its running RMS, so a constant multiplier on an
+encoder's gradient (MultiFair's B_i, f_i) is undone (section 6). A factor on that encoder's
+learning rate is not. Per step, with A_i the batch ROC-AUC of auxiliary head C_i:
+
+    Abar_i <- 0.95 Abar_i + 0.05 A_i                     (start 0.5; one-class batch: A_i(t-1))
+    c_i     = M * softmax_i(-(Abar_i - mean_j Abar_j) / T)  (sum_i c_i = M; lagging c_i > 1)
+    lr_i    = scheduled_lr * c_i                         (the trainer, after the scheduler)
+
+Guards against the CNN failure of section 7 (a lagging encoder that cannot learn while the
+useful one is throttled):
+- floor: no factor below `floor` (default 0.5); the mass taken from the lagging modalities
+  to lift a floored one keeps sum_i c_i = M (water-filling, see `balance_factors`);
+- trend gate: balance only while the lagging modality is still improving. Its trend is the
+  rise of Abar over a slow window, Abar - slowEMA(Abar), measured in units of the noise that
+  batch sampling alone puts on Abar (a z-score). The factors are 1 + gate * (c - 1) with the
+  gate ramping from 0 at z = `trend_z_on` to 1 at z = `trend_z_full`; a lagging modality
+  with no learnable signal (flat AUC ~ 0.5) keeps z ~ N(0, 1) and the method is plain ERM
+  up to rare, small excursions.
+
+Group level (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
+with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
+sigmoid((z_p - z_n) / T_s) on fused logit margins. It sends no gradient to the auxiliary
+heads (they read detached features). No gradient multipliers, no rho, no L_gm, no f_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from multifair.methods.base import (
+    METHODS,
+    LossOutput,
+    Method,
+    MethodParams,
+    ModelOutput,
+    StepContext,
+)
+from multifair.methods.signals import (
+    binary_auc,
+    gather_batch,
+    group_masks,
+    pairwise_surrogate_auc,
+    surrogate_scores,
+)
+
+# Preset -> (temperature T, gap_weight). "fair" adds the fused gap loss at weight 1 (weight 3
+# collapsed AUC in the prototype) and keeps the default T; combine it with temperature=0.1.
+PRESETS: dict[str, dict[str, float]] = {
+    "default": {"temperature": 0.2, "gap_weight": 0.0},
+    "strong": {"temperature": 0.1, "gap_weight": 0.0},
+    "fair": {"temperature": 0.2, "gap_weight": 1.0},
+}
+
+
+class MultiFairAdamParams(MethodParams):
+    """Hyper-parameters of `multifair_adam`. `temperature` and `gap_weight` left unset take the
+    values of `preset`; an explicit value wins."""
+
+    preset: Literal["default", "strong", "fair"] = "default"
+    temperature: float | None = Field(None, gt=0)  # T of the level softmax (inf = all factors 1)
+    gap_weight: float | None = Field(None, ge=0)  # weight of the fused group-AUC-gap loss
+    gap_temperature: float = Field(1.0, gt=0)  # T_s of the pairwise sigmoid on fused margins
+    floor: float = Field(0.5, ge=0, le=1)  # smallest factor any encoder gets
+    level_momentum: float = Field(0.95, ge=0, lt=1)  # Abar EMA (and its noise estimate)
+    trend_momentum: float = Field(0.995, ge=0, lt=1)  # slow EMA of Abar: trend window ~ 1/(1-x)
+    guard: bool = True  # False: balance always (the section-7 prototype, no trend gate)
+    trend_z_on: float = 1.0  # gate opens above this trend z-score of the lagging modality
+    trend_z_full: float = 3.0  # ... and is fully open from this one
+
+    @model_validator(mode="after")
+    def _resolve(self) -> MultiFairAdamParams:
+        preset = PRESETS[self.preset]
+        if self.temperature is None:
+            self.temperature = preset["temperature"]
+        if self.gap_weight is None:
+            self.gap_weight = preset["gap_weight"]
+        if self.trend_z_full <= self.trend_z_on:
+            raise ValueError(
+                f"trend_z_full ({self.trend_z_full}) must exceed trend_z_on ({self.trend_z_on})"
+            )
+        return self
+
+
+def balance_factors(levels: Tensor, temperature: float, floor: float) -> Tensor:
+    """c_i = M softmax_i(-(Abar_i - mean Abar) / T), then no c_i below `floor`.
+
+    Floored entries are pinned at `floor` and the rest share M - floor * (#pinned) in
+    proportion to their softmax weights, repeated until no entry falls below the floor (at
+    most M rounds, fixed count: no host sync). So sum c_i = M always: the lagging encoders
+    give back exactly what lifting a throttled one costs, and the total step budget equals
+    plain training's. Works in the dtype of `levels` (float64 in tests).
+    """
+    m = levels.shape[-1]
+    weights = torch.softmax(-(levels - levels.mean()) / temperature, dim=-1)  # (M,) sums to 1
+    factors = m * weights
+    if floor <= 0:
+        return factors
+    pinned = torch.zeros_like(factors, dtype=torch.bool)
+    for _ in range(m):
+        pinned = pinned | (factors < floor)
+        free_mass = m - floor * pinned.sum()
+        free_weight = torch.where(pinned, 0.0, weights).sum().clamp_min(1e-30)
+        # exactly m * weights when nothing is pinned (bit-for-bit ERM at equal levels)
+        scale = torch.where(pinned.any(), free_mass / (m * free_weight), 1.0)
+        factors = torch.where(pinned, torch.full_like(factors, floor), m * weights * scale)
+    return factors
+
+
+def group_gap_loss(
+    fused_logits: Tensor, labels: Tensor, groups: Tensor, n_groups: int, temperature: float
+) -> Tensor:
+    """Differentiable group-AUC gap of the fused prediction: mean over the groups present with
+    both classes of |S_g - mean S|, S_g = mean over (p, n) pairs of group g of
+    sigmoid((z_p - z_n) / T_s) on fused logit margins. 0 when fewer than two groups qualify."""
+    margin = surrogate_scores(fused_logits, "sigmoid")  # (B,) z_1 - z_0
+    masks = group_masks(groups, n_groups)  # (B, G); unknown (-1) in no group
+    surrogate, present = pairwise_surrogate_auc(
+        margin, labels, masks, form="sigmoid", temperature=temperature
+    )  # (G,), (G,)
+    weight = present.float()
+    n_present = weight.sum().clamp_min(1.0)
+    mean = (surrogate * weight).sum() / n_present
+    return ((surrogate - mean).abs() * weight).sum() / n_present
+
+
+@METHODS.register("multifair_adam")
+class MultiFairAdam(Method):
+    """Level-based modality balance on per-encoder learning rates (+ optional fused gap loss)."""
+
+    Params = MultiFairAdamParams
+    acts_on_step_size = True
+
+    def __init__(self, params: MultiFairAdamParams, modalities: list[str], n_groups: int) -> None:
+        super().__init__(params, modalities, n_groups)
+        self.params: MultiFairAdamParams = params
+        m = len(self.modalities)
+        self.register_buffer("level", torch.full((m,), 0.5))  # Abar_i
+        self.register_buffer("level_slow", torch.full((m,), 0.5))  # slow EMA of Abar_i
+        # EMA of (A_i - Abar_i)^2: batch-AUC noise, ~0.1^2 for 32-sample batches at start
+        self.register_buffer("auc_var", torch.full((m,), 0.01))
+        self.register_buffer("last_auc", torch.full((m,), 0.5))  # A_i(t-1), for one-class batches
+
+    def observe(self, auc: Tensor, has_both: Tensor, update: bool = True) -> dict[str, Tensor]:
+        """Advance the state with this step's batch AUCs (M,) and return the per-modality
+        factors and signals. The factor logic alone, so tests can drive it with sequences."""
+        p = self.params
+        auc = torch.where(has_both, auc.to(self.level.dtype), self.last_auc)  # (M,)
+        level = p.level_momentum * self.level + (1 - p.level_momentum) * auc
+        level_slow = p.trend_momentum * self.level_slow + (1 - p.trend_momentum) * level
+        auc_var = p.level_momentum * self.auc_var + (1 - p.level_momentum) * (auc - self.level) ** 2
+        if update:
+            self.last_auc.copy_(auc)
+            self.level.copy_(level)
+            self.level_slow.copy_(level_slow)
+            self.auc_var.copy_(auc_var)
+
+        raw = balance_factors(level, p.temperature, p.floor)  # (M,)
+        # Trend: rise of Abar over the slow window, in units of the std that batch noise alone
+        # gives Abar - slowEMA(Abar) (~ std(Abar) = std(A) sqrt((1-a)/(1+a)) for a slow window).
+        trend = level - level_slow
+        noise = (auc_var * (1 - p.level_momentum) / (1 + p.level_momentum)).sqrt().clamp_min(1e-4)
+        trend_z = trend / noise
+        # The lagging modalities are those the balance speeds up; weight their z by the boost
+        # (for M = 2: the lagging modality's own z). No boost anywhere -> gate 0, factors 1.
+        boost = (raw - 1).clamp_min(0)
+        lag_z = (boost * trend_z).sum() / boost.sum().clamp_min(1e-12)
+        if p.guard:
+            span = p.trend_z_full - p.trend_z_on
+            gate = ((lag_z - p.trend_z_on) / span).clamp(0.0, 1.0)
+            factors = 1 + gate * (raw - 1)  # gate 0: exactly 1 (plain training)
+        else:
+            gate = torch.ones_like(lag_z)
+            factors = raw
+
+        signals: dict[str, Tensor] = {"active": gate.detach()}
+        for i, name in enumerate(self.modalities):
+            signals[f"aux_auc/{name}"] = auc[i].detach()
+            signals[f"level/{name}"] = level[i].detach()
+            signals[f"trend/{name}"] = trend_z[i].detach()
+            signals[f"lr_factor/{name}"] = factors[i].detach()
+        return signals
+
+    def loss(self, out: ModelOutput, batch: Mapping[str, Any], ctx: StepContext) -> LossOutput:
+        base = super().loss(out, batch, ctx)  # task CE + auxiliary CE (trains only C_i)
+        y = batch["label"]
+
+        # A_i on the global batch: aux margins and labels from all ranks, one collective.
+        margins = torch.stack(
+            [surrogate_scores(out.aux_logits[m], "sigmoid") for m in self.modalities]
+        )
+        cols = gather_batch(ctx.gather, {"scores": margins.T, "label": y})  # (B_global, M)
+        auc, has_both = binary_auc(cols["scores"].T, cols["label"])  # (M,), (M,)
+        # Validation passes (no grad / eval mode) read the state but never advance it.
+        update = self.training and torch.is_grad_enabled()
+        signals = self.observe(auc, has_both, update=update)
+
+        gap = group_gap_loss(
+            out.logits, y, batch["group"], ctx.n_groups, self.params.gap_temperature
+        )
+        signals["gap"] = gap.detach()
+        total = base.total
+        parts = dict(base.parts)
+        if self.params.gap_weight:
+            total = total + self.params.gap_weight * gap
+            parts["gap"] = gap.detach()
+        return LossOutput(total, parts, signals)
+
+    def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor]:
+        return {m: loss.signals[f"lr_factor/{m}"] for m in self.modalities}
