@@ -2,7 +2,13 @@
 imports every method explicitly (no discovery magic)."""
 
 # Method modules (each registers itself on import).
-from multifair.methods import lr_split, multifair_adam  # noqa: F401
+from multifair.methods import (  # noqa: F401
+    erm,
+    lr_split,
+    multifair,
+    multifair_adam,
+    unimodal,
+)
 from multifair.methods.base import (
     METHODS,
     LossOutput,

@@ -1,0 +1,191 @@
+"""Batch statistics that methods compute on the device, once per step, without host syncs.
+
+Everything here is written for the hot path (performance.md): no `.item()`, no boolean-mask
+indexing (its output shape depends on tensor values, which forces a sync), no Python branch on a
+tensor value. Subsets (a group, the positives) are expressed as masks that multiply or that
+`torch.where` selects with, so every tensor shape depends only on the batch size, the number of
+groups and the number of modalities. A statistic that is undefined on a batch (AUC of a
+one-class batch) comes back with a `valid` flag instead of an exception, and the caller decides
+what to use in its place with `torch.where`.
+
+Vocabulary: `scores` (..., B) real-valued predictions (higher = more positive), `labels` (B,) in
+{0, 1}, `groups` (B,) int codes (-1 = unknown), `masks` (B, G) bool, True where sample b is in
+group g.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+SurrogateForm = Literal["sigmoid", "logistic"]
+
+
+def onehot(labels: Tensor, n_classes: int) -> Tensor:
+    """(B,) int -> (B, C) float. Unlike `F.one_hot` this never checks the range on the host."""
+    classes = torch.arange(n_classes, device=labels.device)
+    return (labels[:, None] == classes[None, :]).float()
+
+
+def group_masks(groups: Tensor, n_groups: int) -> Tensor:
+    """(B,) codes -> (B, G) bool membership; unknown (-1) and out-of-range codes are in no group."""
+    codes = torch.arange(n_groups, device=groups.device)
+    return groups[:, None] == codes[None, :]
+
+
+def binary_auc(scores: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ROC-AUC from ranks (Mann-Whitney U), ties counted as one half, batched over leading dims.
+
+    scores (..., B); labels (B,) or (..., B); mask (..., B) bool selects the samples that count
+    (None: all). Returns (auc (...,), valid (...,)); `valid` is False where the selection lacks
+    a positive or a negative, and `auc` is then 0 (meaningless) - use `torch.where(valid, ...)`.
+
+    Ranks come from one sort: the average 1-based rank of a score among the selected samples is
+    (#{< s} + #{<= s} + 1) / 2, both counts read off the sorted scores with `searchsorted`.
+    Unselected samples are moved to +inf, above every (finite) selected score, so they never
+    enter the counts of a selected one. Scores must be finite.
+    """
+    s = scores.float()
+    y = labels.bool().expand_as(s)
+    mask = torch.ones_like(y) if mask is None else mask.expand_as(s)
+    key = torch.where(mask, s, torch.full_like(s, float("inf"))).contiguous()
+    ordered, _ = torch.sort(key, dim=-1)
+    below = torch.searchsorted(ordered, key, right=False)  # (..., B) #{selected < s}
+    at_or_below = torch.searchsorted(ordered, key, right=True)  # (..., B) #{selected <= s}
+    rank = (below + at_or_below + 1).float() / 2  # (..., B) average rank, ties averaged
+    positive = mask & y
+    negative = mask & ~y
+    n_pos = positive.sum(-1).float()
+    n_neg = negative.sum(-1).float()
+    rank_sum = (rank * positive).sum(-1)
+    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp_min(1.0)
+    valid = (n_pos > 0) & (n_neg > 0)
+    return auc, valid
+
+
+def group_auc(scores: Tensor, labels: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group ROC-AUC. scores (..., B), labels (B,), masks (B, G).
+
+    Returns (auc (..., G), valid (G,) both classes present, count (G,) samples in the group).
+    """
+    by_group = masks.T  # (G, B)
+    s = scores.float().unsqueeze(-2).expand(*scores.shape[:-1], *by_group.shape)  # (..., G, B)
+    auc, _ = binary_auc(s, labels, by_group)
+    y = labels.bool()
+    valid = (by_group & y).any(-1) & (by_group & ~y).any(-1)  # (G,)
+    return auc, valid, by_group.sum(-1)
+
+
+def auc_gap(auc: Tensor, usable: Tensor) -> Tensor:
+    """max_g auc_g - min_g auc_g over the usable groups (last dim); 0 with fewer than two."""
+    neg_inf = torch.full_like(auc, float("-inf"))
+    pos_inf = torch.full_like(auc, float("inf"))
+    highest = torch.where(usable, auc, neg_inf).amax(-1)
+    lowest = torch.where(usable, auc, pos_inf).amin(-1)
+    enough = usable.sum(-1) >= 2
+    return torch.where(enough, highest - lowest, torch.zeros_like(highest))
+
+
+def surrogate_scores(logits: Tensor, form: SurrogateForm) -> Tensor:
+    """What a pairwise surrogate compares: (B, 2) logits -> (B,) scores.
+
+    "logistic" (paper / released code): the positive-class softmax probability.
+    "sigmoid" (recommended): the logit margin u_1 - u_0, unbounded, so the surrogate can reach
+    the AUC's full range.
+    """
+    z = logits.float()
+    if form == "logistic":
+        return torch.softmax(z, dim=-1)[..., 1]
+    return z[..., 1] - z[..., 0]
+
+
+def pairwise_surrogate_auc(
+    scores: Tensor,
+    labels: Tensor,
+    masks: Tensor,
+    *,
+    form: SurrogateForm,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable per-group AUC surrogates from every (positive, negative) pair of a group.
+
+    scores (..., B) from `surrogate_scores`; labels (B,); masks (B, G). With d = s_p - s_n:
+      "logistic": S_g = 1 - mean_{p,n} log(1 + exp(-d))   (chance 1 - log 2; released code)
+      "sigmoid":  S_g = mean_{p,n} sigmoid(d / T)         (chance 0.5; AUC as T -> 0)
+    The pair kernel K (..., B, B) is computed once for all groups; the group's pairs are the
+    outer product of its positive and negative masks, summed with one einsum (no indexing).
+    Returns (S (..., G), valid (G,)): valid where the group has both classes; S is 0 elsewhere.
+    """
+    s = scores.float()
+    diff = s.unsqueeze(-1) - s.unsqueeze(-2)  # (..., B, B) s_p - s_n for row p, column n
+    if form == "logistic":
+        kernel = 1 - nn.functional.softplus(-diff)  # softplus(x) = log(1 + exp(x)), stable
+    else:
+        kernel = torch.sigmoid(diff / temperature)
+    y = labels.bool()
+    positive = (masks & y[:, None]).T.float()  # (G, B)
+    negative = (masks & ~y[:, None]).T.float()  # (G, B)
+    pair_sum = torch.einsum("gp,...pn,gn->...g", positive, kernel, negative)  # (..., G)
+    pairs = positive.sum(-1) * negative.sum(-1)  # (G,)
+    return pair_sum / pairs.clamp_min(1.0), pairs > 0
+
+
+def group_shares(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """p_g = share of group g among the samples with a known group. masks (B, G).
+
+    Returns (shares (G,), any_known ()): shares are all 0 when no sample has a known group.
+    """
+    counts = masks.sum(0).float()  # (G,)
+    total = counts.sum()
+    return counts / total.clamp_min(1.0), total > 0
+
+
+def gather_batch(
+    gather: Callable[[Tensor], Tensor], columns: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """All-gather several per-sample tensors with ONE collective, detached.
+
+    columns: name -> (B,) or (B, k) tensors (labels and group codes are exact as float32 up to
+    2**24). They are packed into one (B, K) float32 tensor, gathered along dim 0 (the global
+    batch under DDP; the identity in one process) and unpacked; integer columns come back as
+    int64.
+    """
+    pieces: list[Tensor] = []
+    widths: list[int] = []
+    for value in columns.values():
+        col = value.detach().float()
+        col = col[:, None] if col.dim() == 1 else col
+        pieces.append(col)
+        widths.append(col.shape[1])
+    packed = gather(torch.cat(pieces, dim=1))  # (B_global, K)
+    out: dict[str, Tensor] = {}
+    for (name, value), part in zip(columns.items(), packed.split(widths, dim=1)):
+        part = part.squeeze(1) if value.dim() == 1 else part
+        out[name] = part.round().long() if not value.is_floating_point() else part
+    return out
+
+
+def apply_encoder_factors(
+    modality_parameters: Mapping[str, Iterable[nn.Parameter]], factors: Mapping[str, Tensor]
+) -> None:
+    """grad(theta_m) *= factor_m for every encoder parameter that has a gradient, in place.
+
+    One fused foreach multiply per modality; the factor stays a device tensor (no sync).
+    Modalities missing from `factors` are left alone.
+    """
+    for modality, params in modality_parameters.items():
+        if modality not in factors:
+            continue
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            factor = torch.as_tensor(factors[modality], device=grads[0].device)
+            torch._foreach_mul_(grads, factor)
+
+
+def unwrap_model(model: nn.Module | None) -> nn.Module:
+    """The model itself, also when wrapped in DistributedDataParallel."""
+    assert model is not None, "the trainer must set StepContext.model"
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
