@@ -106,6 +106,11 @@ class Method(nn.Module):
         self.modalities = list(modalities)
         self.n_groups = n_groups
 
+    def setup(self, model: nn.Module) -> None:
+        """Called once by the trainer after the model is built and before the optimizer and
+        any checkpoint load: create learnable parameters or buffers whose shapes depend on the
+        model (FIN's per-group statistics of width `model.dim`). Default: nothing."""
+
     # ---- forward -----------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
         return model(batch)
