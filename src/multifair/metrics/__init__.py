@@ -1,0 +1,53 @@
+"""Fairness metrics (AUC, group AUC, ES-AUC, ES-ACC, DPD, DEOdds, between-group disparity,
+per-group selection rate / TPR / FPR), vectorised bootstrap CIs, the metrics summary and its
+table. Definitions and edge-case policies: `multifair.metrics.fairness` and docs/metrics.md."""
+
+from multifair.metrics.bootstrap import bootstrap, bootstrap_indices, percentile_interval
+from multifair.metrics.fairness import (
+    SINGLE_CLASS_POLICIES,
+    UNKNOWN,
+    UNKNOWN_POLICIES,
+    GroupTable,
+    accuracy,
+    between_group_disparity,
+    demographic_parity_difference,
+    disaggregate,
+    equalized_odds_difference,
+    es_acc,
+    es_auc,
+    false_positive_rate_by_group,
+    group_auc,
+    roc_auc,
+    selection_rate_by_group,
+    true_positive_rate_by_group,
+)
+from multifair.metrics.groups import encode_groups, group_name, intersect
+from multifair.metrics.summary import summarize
+from multifair.metrics.table import format_table
+
+__all__ = [
+    "SINGLE_CLASS_POLICIES",
+    "UNKNOWN",
+    "UNKNOWN_POLICIES",
+    "GroupTable",
+    "accuracy",
+    "between_group_disparity",
+    "bootstrap",
+    "bootstrap_indices",
+    "demographic_parity_difference",
+    "disaggregate",
+    "encode_groups",
+    "equalized_odds_difference",
+    "es_acc",
+    "es_auc",
+    "false_positive_rate_by_group",
+    "format_table",
+    "group_auc",
+    "group_name",
+    "intersect",
+    "percentile_interval",
+    "roc_auc",
+    "selection_rate_by_group",
+    "summarize",
+    "true_positive_rate_by_group",
+]

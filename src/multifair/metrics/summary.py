@@ -1,0 +1,155 @@
+"""`summarize`: the whole metrics table as a JSON-able dict (the schema in docs/architecture.md,
+"The metrics summary"), read by the trainer, `audit`, the report and the benchmark."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from multifair.errors import UserError
+from multifair.metrics.bootstrap import bootstrap, percentile_interval
+from multifair.metrics.fairness import (
+    SINGLE_CLASS_POLICIES,
+    UNKNOWN_POLICIES,
+    check_inputs,
+    disaggregate,
+    disparity_ratios,
+    equity_scaled,
+    roc_auc,
+    spread,
+)
+from multifair.metrics.groups import group_name
+
+__all__ = ["summarize"]
+
+
+def _num(x: float) -> float | None:
+    """A JSON-able float: NaN (undefined) becomes None (null)."""
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def _interval(replicates: np.ndarray, level: float) -> list[float | None]:
+    lo, hi = percentile_interval(replicates, level)
+    return [_num(lo), _num(hi)]
+
+
+def summarize(
+    y_true: object,
+    y_score: object,
+    *,
+    sensitive_features: Mapping[str, object],
+    group_names: Mapping[str, Mapping[int, str]] | None = None,
+    threshold: float = 0.5,
+    n_boot: int = 0,
+    ci: float = 0.95,
+    seed: int = 0,
+    unknown: str = "drop",
+    single_class: str = "skip",
+) -> dict[str, Any]:
+    """Overall and per-group metrics for each attribute, with percentile bootstrap CIs when
+    n_boot > 0.
+
+    `sensitive_features` maps attribute -> integer codes (n,) (-1 = unknown); `group_names` maps
+    attribute -> {code: name}. With unknown="drop" the ES-AUC, ES-ACC and disparity ratios of an
+    attribute are relative to the AUC/accuracy of its evaluated (known) samples, as FairVision
+    computes them; `overall` and `ci.auc` are over all samples. An attribute with fewer than two
+    groups, or two groups with the same name, is a `UserError`."""
+    if unknown not in UNKNOWN_POLICIES:
+        raise UserError(f"unknown={unknown!r} is not one of {list(UNKNOWN_POLICIES)}")
+    if single_class not in SINGLE_CLASS_POLICIES:
+        raise UserError(
+            f"single_class={single_class!r} is not one of {list(SINGLE_CLASS_POLICIES)}"
+        )
+    if int(n_boot) < 0:
+        raise UserError(f"n_boot={n_boot} must be >= 0")
+    if not (0.0 < float(ci) < 1.0):
+        raise UserError(f"ci={ci!r} must be strictly between 0 and 1 (e.g. 0.95)")
+    y, s, _ = check_inputs(y_true, y_score, threshold=threshold)
+    group_names = group_names or {}
+
+    summary: dict[str, Any] = {
+        "n": len(y),
+        "positives": int(y.sum()),
+        "threshold": float(threshold),
+        "overall": {"auc": _num(roc_auc(y, s)), "acc": float(np.mean((s >= threshold) == y))},
+        "policy": {"unknown": unknown, "single_class": single_class},
+        "attributes": {},
+    }
+    boot = None
+    if n_boot > 0:
+        boot = bootstrap(
+            y,
+            s,
+            sensitive_features=sensitive_features,
+            threshold=threshold,
+            n_boot=int(n_boot),
+            seed=seed,
+            unknown=unknown,
+            single_class=single_class,
+        )
+    for attribute, groups in sensitive_features.items():
+        table = disaggregate(y, s, groups=groups, threshold=threshold, unknown=unknown)
+        names = [group_name(c, group_names.get(attribute)) for c in table.codes]
+        if len(table.codes) < 2:
+            raise UserError(
+                f"attribute {attribute!r} has a single group ({names[0]!r}"
+                f"{', after dropping unknown -1 values' if table.dropped_unknown else ''}): "
+                "group fairness metrics need at least two groups"
+            )
+        if len(set(names)) != len(names):
+            dup = next(nm for nm in names if names.count(nm) > 1)
+            raise UserError(f"attribute {attribute!r}: two group codes share the name {dup!r}")
+        present = np.ones(len(table.codes), dtype=bool)
+        single = [nm for nm, note in zip(names, table.auc_notes) if note is not None]
+        std_ratio, range_ratio = disparity_ratios(
+            table.overall_auc, table.auc, present, single_class=single_class
+        )
+        entry: dict[str, Any] = {
+            "groups": [
+                {
+                    "code": int(code),
+                    "name": nm,
+                    "n": int(table.n[k]),
+                    "positives": int(table.positives[k]),
+                    "auc": _num(table.auc[k]),
+                    "auc_note": table.auc_notes[k],
+                    "acc": float(table.acc[k]),
+                    "selection_rate": float(table.selection_rate[k]),
+                    "tpr": float(table.tpr[k]),
+                    "fpr": float(table.fpr[k]),
+                }
+                for k, (code, nm) in enumerate(zip(table.codes, names))
+            ],
+            "es_auc": _num(
+                equity_scaled(table.overall_auc, table.auc, present, single_class=single_class)
+            ),
+            "es_acc": float(equity_scaled(table.overall_acc, table.acc, present)),
+            "dpd": float(spread(table.selection_rate, present)),
+            "deodds": float(max(spread(table.tpr, present), spread(table.fpr, present))),
+            "auc_std_ratio": _num(std_ratio),
+            "auc_range_ratio": _num(range_ratio),
+            "dropped_unknown": table.dropped_unknown,
+            "skipped_groups": single if single_class == "skip" else [],
+        }
+        if boot is not None:
+            reps = boot["attributes"][attribute]
+            assert np.array_equal(reps["codes"], table.codes), "bootstrap groups out of step"
+            entry["ci"] = {
+                "level": float(ci),
+                "n_boot": int(n_boot),
+                "seed": int(seed),
+                "auc": _interval(boot["overall"]["auc"], ci),
+                "es_auc": _interval(reps["es_auc"], ci),
+                "es_acc": _interval(reps["es_acc"], ci),
+                "dpd": _interval(reps["dpd"], ci),
+                "deodds": _interval(reps["deodds"], ci),
+                "group_auc": {
+                    nm: _interval(reps["group_auc"][:, k], ci) for k, nm in enumerate(names)
+                },
+            }
+        summary["attributes"][attribute] = entry
+    return summary
