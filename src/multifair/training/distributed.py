@@ -1,0 +1,159 @@
+"""Multi-process training under `torchrun`: process group, gathers, gradient averaging.
+
+One process per device. `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything
+here is the identity and training runs in one process. Backend: NCCL on GPUs, gloo on CPU.
+
+Why we average gradients ourselves instead of wrapping the model in DistributedDataParallel:
+method hooks call the model's `encode` / `fuse` directly and may run parts of it more than once
+per step (unimodal estimates, zeroed modalities), and gradient accumulation plus the gradient
+edits need the averaged gradients at one well-defined point (before unscaling and
+`modulate_gradients`). DDP's reducer requires every forward to go through the wrapper. So after
+the last backward of a step the trainer calls `all_reduce_gradients` once: the gradients of all
+trainable parameters are flattened into one buffer per dtype, summed with one collective, and
+divided by the world size. The cost is that the reduction does not overlap the backward pass.
+The graph is the same on every rank (methods never branch on tensor values), so every rank has
+gradients for the same parameters.
+
+Train batches have the same size on every rank: the DistributedSampler gives each rank the same
+number of samples, so `gather` can use an equal-size all_gather.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from multifair.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: rank among world_size processes, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 is the only writer of logs, checkpoints, predictions and metrics."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` -> this process's GPU when there is one, else the CPU; `cuda` -> cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"train.device: {name!r} requested but no CUDA device is available")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: not a torch device (got {name!r})") from None
+
+
+def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join the torchrun process group if launched by torchrun, else a one-process `DistEnv`."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def make_gather(env: DistEnv):
+    """`ctx.gather`: concatenate a detached per-rank tensor from all ranks along dim 0."""
+    if not env.distributed:
+        return _identity
+
+    def gather(t: Tensor) -> Tensor:
+        t = t.detach().contiguous()
+        out = torch.empty(
+            (env.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device
+        )
+        dist.all_gather_into_tensor(out, t)
+        return out
+
+    return gather
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def all_reduce_gradients(params: Iterable[nn.Parameter], env: DistEnv) -> None:
+    """Average the gradients of `params` over ranks (one collective per gradient dtype)."""
+    if not env.distributed:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(grads)  # (sum of numels,)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(env.world_size)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+
+def broadcast_state(module: nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's parameters and floating buffers to every rank (start of training, and
+    before each evaluation so that BatchNorm statistics agree, as DDP's broadcast_buffers does)."""
+    if not env.distributed:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Gather one picklable object per rank (evaluation outputs; not on the training hot path)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's `obj` on every rank (e.g. a stop decision, so all ranks leave the loop together)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

@@ -1,0 +1,137 @@
+"""The run log: one JSON object per line (`log.jsonl`), mirrored to TensorBoard when installed.
+
+Step signals stay on the device: `WindowMeter.add` sums them into one device vector every step
+(no host synchronisation); `WindowMeter.flush` turns the window means into floats with a single
+`.tolist()` every `log_every` steps. A signal that is 0/1 per step (`fair_mode`) therefore logs
+as the fraction of steps in the window: the fairness-mode rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class WindowMeter:
+    """Device-side running sums of named tensors over a window of steps."""
+
+    def __init__(self, modalities: Sequence[str] = ()) -> None:
+        self.modalities = list(modalities)
+        self._layout: list[tuple[str, tuple[int, ...]]] | None = None
+        self._sum: Tensor | None = None
+        self._count = 0
+
+    def add(self, values: Mapping[str, Tensor | float]) -> None:
+        """Add one step's values (tensors of any shape, or floats)."""
+        if not values:
+            return
+        items = sorted(values.items())
+        layout = [(k, tuple(torch.as_tensor(v).shape)) for k, v in items]
+        if layout != self._layout:
+            # new names or shapes (first step, or a hook that started returning more): restart
+            self._layout, self._sum, self._count = layout, None, 0
+        device = next((v.device for _, v in items if isinstance(v, Tensor)), torch.device("cpu"))
+        flat = torch.cat(
+            [torch.as_tensor(v, device=device).detach().float().reshape(-1) for _, v in items]
+        )  # (total numel,)
+        self._sum = flat if self._sum is None else self._sum + flat
+        self._count += 1
+
+    def flush(self) -> dict[str, float]:
+        """Window means as floats (one host sync), then reset. Vectors of length M are named
+        `<name>/<modality>`, other vectors `<name>/<i>`."""
+        if self._sum is None or self._layout is None:
+            return {}
+        means = (self._sum / self._count).tolist()
+        out: dict[str, float] = {}
+        i = 0
+        for name, shape in self._layout:
+            n = math.prod(shape)
+            vals = means[i : i + n]
+            i += n
+            if len(shape) == 0:
+                out[name] = vals[0]
+            elif len(shape) == 1 and n == len(self.modalities):
+                out.update({f"{name}/{m}": v for m, v in zip(self.modalities, vals)})
+            else:
+                out.update({f"{name}/{j}": v for j, v in enumerate(vals)})
+        self._sum, self._count = None, 0
+        return out
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, Tensor):
+        return _json_safe(x.tolist())
+    return x
+
+
+def dump_json(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(_json_safe(obj), indent=2) + "\n", encoding="utf-8")
+
+
+class RunLogger:
+    """Appends records to `log.jsonl` (and TensorBoard scalars). A no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.jsonl"
+        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(_json_safe(record)) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            x = record.get("step", record.get("epoch", 0))
+            for key, value in _flatten(record).items():
+                if key not in ("step", "epoch", "kind") and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{record.get('kind', 'log')}/{key}", value, x)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        elif isinstance(v, float) and not math.isfinite(v):
+            continue
+        else:
+            out[key] = v
+    return out
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a `log.jsonl`."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,686 @@
+"""The one training loop. Every method runs through it; a method changes the step only through
+the hooks of `multifair.methods.base.Method`, called in this order per optimisation step:
+
+    forward -> loss -> backward (per micro-batch) -> [all-reduce gradients] -> unscale_
+    -> modulate_gradients -> clip -> lr_factors -> lr = scheduled_lr * factor -> optimizer.step
+
+Epochs: on_epoch_start -> steps -> on_epoch_end -> validation (metrics.summarize) -> model
+selection (val AUC or ES-AUC) -> atomic checkpoint. After the last epoch the selected checkpoint
+is evaluated once on the test split and predictions_{split}.csv and metrics.json are written.
+
+Learning rates: one AdamW group per modality encoder, one for the rest (projections, fusion,
+head, method parameters), one for the auxiliary heads (their own lr and weight decay, as
+released). Each step every group's lr is set to base_lr * schedule(step) and the encoder groups
+are multiplied by the method's `lr_factors`. On CPU the lrs are Python floats (a factor tensor
+is read with `float()`, which costs nothing without an accelerator). On CUDA the lrs are
+0-d device tensors updated in place and AdamW runs `fused=True`, which accepts tensor lrs, so a
+factor that is a device tensor never forces a host synchronisation.
+
+Host synchronisation: none per step except every `log_every` steps, when the window's loss
+parts and signals are read (one `.tolist()`), and the non-finite-loss check happens there too.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from multifair.errors import UserError
+from multifair.methods.base import LossOutput, Method, StepContext, build_method
+from multifair.training import checkpoint, distributed, run
+from multifair.training.config import TrainConfig, method_params, to_dict
+from multifair.training.distributed import DistEnv
+from multifair.training.logging import RunLogger, WindowMeter, dump_json
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf: the run stops and keeps the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------
+# optimizer, schedule, AMP
+
+
+@dataclass
+class ParamGroup:
+    name: str  # "encoder/<modality>", "rest" or "aux"
+    modality: str | None  # set for encoder groups: the target of lr_factors
+    base_lr: float
+
+
+def build_optimizer(
+    model: nn.Module, method: nn.Module, train: TrainConfig, device: torch.device
+) -> tuple[torch.optim.AdamW, list[ParamGroup]]:
+    """AdamW with one group per modality encoder, one for the rest, one for the auxiliary heads."""
+    trainable = lambda ps: [p for p in ps if p.requires_grad]  # noqa: E731
+    specs: list[tuple[ParamGroup, list[nn.Parameter], float]] = []
+    for modality, params in model.modality_parameters().items():
+        specs.append(
+            (
+                ParamGroup(f"encoder/{modality}", modality, train.lr),
+                trainable(params),
+                train.weight_decay,
+            )
+        )
+    rest = trainable(model.other_parameters()) + trainable(method.parameters())
+    specs.append((ParamGroup("rest", None, train.lr), rest, train.weight_decay))
+    specs.append(
+        (
+            ParamGroup("aux", None, train.aux_lr),
+            trainable(model.aux_parameters()),
+            train.aux_weight_decay,
+        )
+    )
+    specs = [s for s in specs if s[1]]  # a frozen encoder has no group
+
+    # every trainable parameter in exactly one group: the model's partition is a contract
+    grouped = [id(p) for _, ps, _ in specs for p in ps]
+    assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
+    expected = {id(p) for p in [*model.parameters(), *method.parameters()] if p.requires_grad}
+    assert set(grouped) == expected, (
+        f"{len(expected - set(grouped))} trainable parameters are in no optimizer group: "
+        "modality_parameters/other_parameters/aux_parameters must cover the model"
+    )
+
+    fused = device.type == "cuda"
+    lr = (lambda x: torch.tensor(x, device=device)) if fused else float
+    groups = [
+        {"params": ps, "lr": lr(g.base_lr), "weight_decay": wd, "name": g.name}
+        for g, ps, wd in specs
+    ]
+    optimizer = torch.optim.AdamW(groups, betas=train.betas, eps=train.eps, fused=fused or None)
+    return optimizer, [g for g, _, _ in specs]
+
+
+def lr_tensors_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """After `load_state_dict` (mapped to the CPU) put tensor lrs back on the device."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor):
+            group["lr"] = group["lr"].to(device)
+
+
+class Schedule:
+    """lr multiplier: linear warm-up, then cosine (or constant), times a plateau factor that
+    drops when the validation selection metric stops improving. A pure function of the step
+    plus a little plateau state, so it never compounds with the per-step lr factors."""
+
+    def __init__(self, train: TrainConfig, total_steps: int) -> None:
+        self.kind = train.schedule
+        self.warmup = train.warmup_steps
+        self.total = max(1, total_steps)
+        self.min_ratio = train.min_lr_ratio
+        self.factor = train.plateau_factor
+        self.patience = train.plateau_patience
+        self.plateau_scale = 1.0
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup * self.plateau_scale
+        if self.kind == "cosine":
+            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+            return self.min_ratio + (1.0 - self.min_ratio) * cos
+        return self.plateau_scale
+
+    def epoch_end(self, metric: float) -> None:
+        if self.kind != "plateau" or not math.isfinite(metric):
+            return
+        if metric > self.best:
+            self.best, self.bad_epochs = metric, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.plateau_scale *= self.factor
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {
+            "plateau_scale": self.plateau_scale,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.plateau_scale = float(state["plateau_scale"])
+        self.best = float(state["best"])
+        self.bad_epochs = int(state["bad_epochs"])
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the GPU supports it, fp16 (+ GradScaler) on other GPUs, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp: fp16 needs a CUDA device (use bf16 or off on CPU)")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# one optimisation step
+
+
+@dataclass
+class StepResult:
+    loss: LossOutput  # of the last micro-batch
+    stats: dict[str, Tensor | float]  # everything to log: parts, signals, edit stats, factors
+
+
+def train_step(
+    micro_batches: Sequence[Mapping[str, Any]],
+    *,
+    model: nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    groups: Sequence[ParamGroup],
+    ctx: StepContext,
+    lr_scale: float,
+    clip: float | None,
+    amp_dtype: torch.dtype | None,
+    env: DistEnv,
+) -> StepResult:
+    """One optimisation step over `micro_batches` (already on the device), hooks in protocol order.
+
+    With gradient accumulation, the gradient edits and lr factors of the step come from the
+    LAST micro-batch's loss signals (each micro-batch's loss is divided by their number)."""
+    device = env.device
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    for batch in micro_batches:
+        with autocast(device, amp_dtype):
+            out = method.forward(model, batch)  # ONE forward pass
+            loss = method.loss(out, batch, ctx)  # LossOutput(total, parts, signals)
+        method.backward(loss, out, batch, ctx)  # default: ctx.scale(loss.total).backward()
+    distributed.all_reduce_gradients(params, env)  # identical gradients on every rank
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)  # fp16: gradients in true units before any edit
+    edit_stats = method.modulate_gradients(model, loss, ctx)  # OGM-GE, CGGM, MultiFair, ...
+    stats: dict[str, Tensor | float] = {"loss/total": loss.total.detach()}
+    if clip is not None:
+        stats["grad_norm"] = nn.utils.clip_grad_norm_(params, clip)  # AFTER the gradient edits
+    factors = method.lr_factors(loss, ctx) or {}
+    for group, info in zip(optimizer.param_groups, groups):
+        # lr = scheduled_lr * factor, set after the schedule; only encoder groups get factors
+        factor = factors.get(info.modality) if info.modality is not None else None
+        scheduled = info.base_lr * lr_scale
+        if isinstance(group["lr"], Tensor):  # CUDA: fused AdamW reads a device tensor, no sync
+            group["lr"].fill_(scheduled)
+            if factor is not None:
+                group["lr"].mul_(factor)
+        else:
+            group["lr"] = scheduled * (float(factor) if factor is not None else 1.0)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+    stats.update({f"loss/{k}": v for k, v in loss.parts.items()})
+    stats.update(loss.signals)
+    stats.update(edit_stats)
+    stats.update({f"lr_factor/{m}": f for m, f in factors.items()})
+    return StepResult(loss, stats)
+
+
+# ---------------------------------------------------------------------------------------
+# data loaders
+
+
+def make_loader(
+    data: Any,
+    split: str,
+    env: DistEnv,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    drop_last: bool = False,
+) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled (train) or ordered loader over one split; the sampler shards it across ranks.
+
+    The same DistributedSampler is used with one process: its permutation is seeded by
+    (seed, epoch) through `set_epoch`, so the data order of an epoch does not depend on what
+    ran before - which is what makes `--resume` continue bit-identically. Ordered loaders pad
+    the last rank by repeating samples; `predict` drops the repeats."""
+    from multifair.data.bundle import make_loader as data_loader
+
+    sampler = DistributedSampler(
+        data.datasets[split], num_replicas=env.world_size, rank=env.rank, shuffle=train, seed=seed
+    )
+    loader = data_loader(
+        data,
+        split,
+        batch_size,
+        sampler=sampler,
+        seed=seed,
+        drop_last=drop_last,
+        pin_memory=env.device.type == "cuda",
+    )
+    return loader, sampler
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any] | None  # None when the run stopped early (train.stop_after_epoch)
+    epochs_done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (legacy global RNG, for user code)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Any, *, resume_dir: str | Path | None = None) -> TrainResult:
+    """Train `cfg` (a resolved RunConfig) into a new run directory, or continue `resume_dir`.
+
+    Works in one process or under torchrun (one process per device); only rank 0 writes."""
+    env = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, env, resume_dir)
+    finally:
+        distributed.cleanup(env)
+
+
+def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult:
+    from multifair.data import build_data
+    from multifair.evaluation.predict import (
+        evaluate_predictions,
+        predict,
+        val_record,
+        write_predictions,
+    )
+    from multifair.methods.base import METHODS
+    from multifair.models import build_model
+
+    tc = cfg.train
+    device = env.device
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # run directory: rank 0 creates it, every rank learns its path
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    elif env.is_main:
+        run_dir = run.new_run_dir(cfg.output.dir, cfg.method.name)
+    else:
+        run_dir = None
+    run_dir = Path(distributed.broadcast_object(str(run_dir), env))
+    ckpt_dir = run_dir / "checkpoints"
+    if env.is_main and resume_dir is None:
+        resolved = to_dict(cfg)
+        resolved["output"]["dir"] = str(run_dir)
+        run.write_config(resolved, run_dir)
+        run.write_env(run.environment(device, env.world_size), run_dir)
+
+    # data: rank 0 first (it may build the preprocessing cache), then the others read it
+    seed_everything(tc.seed)
+    if env.is_main:
+        data = build_data(cfg.data)
+    distributed.barrier(env)
+    if not env.is_main:
+        data = build_data(cfg.data)
+    attribute, n_groups = data.train_attribute, data.n_groups
+
+    # model and method: same seed on every rank, then rank 0's weights everywhere
+    params = method_params(cfg)
+    method_cls = METHODS.get(cfg.method.name)
+    modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
+    specs = {m: data.modalities[m] for m in modalities}
+    model = build_model(cfg.model, specs, dataset_modalities=list(data.modalities)).to(device)
+    method = build_method(cfg.method.name, params, modalities, n_groups)
+    method.setup(model)  # parameters whose shapes depend on the model (FIN)
+    method.to(device)
+    distributed.broadcast_state(model, env)
+    distributed.broadcast_state(method, env)
+    optimizer, groups = build_optimizer(model, method, tc, device)
+    amp_dtype = resolve_amp(tc.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # per-rank stream for dropout and on-device augmentation
+    seed_everything(tc.seed + env.rank)
+
+    train_loader, train_sampler = make_loader(
+        data,
+        "train",
+        env,
+        batch_size=tc.batch_size,
+        train=True,
+        seed=tc.seed,
+        drop_last=tc.drop_last,
+    )
+    if len(train_loader) < tc.accumulate:
+        raise UserError(
+            f"train.batch_size: the training split ({len(data.datasets['train'])} samples over "
+            f"{env.world_size} process(es)) gives {len(train_loader)} batches of {tc.batch_size}, "
+            f"fewer than train.accumulate={tc.accumulate}; lower the batch size"
+        )
+    eval_bs = tc.eval_batch_size or tc.batch_size
+    eval_loader = lambda split: make_loader(  # noqa: E731
+        data, split, env, batch_size=eval_bs, train=False, seed=tc.seed
+    )[0]
+    val_loader = eval_loader("val")
+    steps_per_epoch = len(train_loader) // tc.accumulate
+    total_steps = steps_per_epoch * tc.epochs
+    schedule = Schedule(tc, total_steps)
+    to_device = data.to_device
+    data_state = data.state()  # preprocessing fitted on train: `predict` on new data reuses it
+
+    start_epoch, step = 0, 0
+    best: dict[str, Any] = {"metric": -math.inf, "epoch": -1}
+    timing = {"seconds": 0.0, "steps": 0}
+    history: list[dict[str, Any]] = []
+    if resume_dir is not None and (ckpt_dir / "last.pt").is_file():
+        state = checkpoint.load(ckpt_dir / "last.pt")
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_tensors_to(optimizer, device)
+        scaler.load_state_dict(state["scaler"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        best, timing, history = dict(state["best"]), dict(state["timing"]), list(state["history"])
+        checkpoint.set_rng_state(
+            state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]
+        )
+
+    logger = RunLogger(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
+    meter = WindowMeter(modalities)
+    gather = distributed.make_gather(env)
+    scale = (lambda t: scaler.scale(t / tc.accumulate)) if tc.accumulate > 1 else scaler.scale
+    extras = {
+        "train_loader": train_loader,
+        "to_device": to_device,
+        "device": device,
+        "amp_dtype": amp_dtype,
+    }
+    make_ctx = lambda epoch, step: StepContext(  # noqa: E731
+        step=step,
+        epoch=epoch,
+        total_steps=total_steps,
+        n_groups=n_groups,
+        gather=gather,
+        scale=scale,
+        model=model,
+        extras=extras,
+    )
+    if env.is_main and start_epoch < tc.epochs:
+        print(
+            f"training {cfg.method.name} on {len(data.datasets['train'])} samples, modalities "
+            f"{modalities}, {steps_per_epoch} steps x {tc.epochs} epochs on {device}"
+            f"{f' x{env.world_size}' if env.distributed else ''}"
+            f"{f', amp {amp_dtype}' if amp_dtype else ''} -> {run_dir}"
+        )
+
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            # ---- train one epoch ----
+            model.train()
+            method.train()
+            train_sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(tc.seed * 1_000_003 + epoch)
+            method.on_epoch_start(make_ctx(epoch, step))
+            loss_sum = torch.zeros((), device=device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
+            batches: Iterator = iter(train_loader)
+            bar = _progress(
+                steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", env.is_main and tc.progress
+            )
+            t0 = time.perf_counter()
+            for _ in range(steps_per_epoch):
+                micro = [to_device(next(batches), device, train=True) for _ in range(tc.accumulate)]
+                ctx = make_ctx(epoch, step)
+                result = train_step(
+                    micro,
+                    model=model,
+                    method=method,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    groups=groups,
+                    ctx=ctx,
+                    lr_scale=schedule(step),
+                    clip=tc.clip,
+                    amp_dtype=amp_dtype,
+                    env=env,
+                )
+                total = result.loss.total.detach()
+                loss_sum += total
+                bad = (first_bad < 0) & ~torch.isfinite(total)
+                first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+                meter.add(result.stats)
+                step += 1
+                if step % tc.log_every == 0:
+                    record = {
+                        "kind": "step",
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": groups[0].base_lr * schedule(step - 1),
+                        **meter.flush(),
+                    }
+                    _check_finite(first_bad, epoch, record, ckpt_dir)
+                    logger.log(record)
+                    bar.set_postfix(loss=f"{record['loss/total']:.4f}")
+                bar.update()
+            bar.close()
+            method.on_epoch_end(make_ctx(epoch, step))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t0
+            timing["seconds"] += seconds
+            timing["steps"] += steps_per_epoch
+            _check_finite(first_bad, epoch, {}, ckpt_dir)
+
+            # ---- validate, select, checkpoint ----
+            distributed.broadcast_state(model, env)  # BatchNorm statistics of rank 0 everywhere
+            val_preds = predict(
+                model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
+            )
+            val = evaluate_predictions(val_preds, data.group_names, attribute)
+            metric = _selection_metric(val, attribute, tc.select_by)
+            schedule.epoch_end(metric)
+            record = {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "train_loss": float(loss_sum) / steps_per_epoch,
+                "val": val_record(val, attribute, val_preds, modalities),
+                "selected": metric > best["metric"],
+                "seconds": seconds,
+            }
+            if metric > best["metric"]:  # NaN never wins: a degenerate epoch cannot be selected
+                best = {"metric": metric, "epoch": epoch}
+                if env.is_main:
+                    checkpoint.save_atomic(
+                        {
+                            "format": checkpoint.FORMAT_VERSION,
+                            "epoch": epoch + 1,
+                            "model": model.state_dict(),
+                            "method": method.state_dict(),
+                            "data_state": data_state,
+                        },
+                        ckpt_dir / "best.pt",
+                    )
+            history.append(record)
+            logger.log(record)
+            if env.is_main:
+                print(_epoch_line(record, tc.select_by))
+            rng = distributed.all_gather_objects(checkpoint.rng_state(), env)
+            if env.is_main:
+                checkpoint.save_atomic(
+                    {
+                        "format": checkpoint.FORMAT_VERSION,
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "method": method.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "rng": rng,
+                        "best": best,
+                        "timing": timing,
+                        "history": history,
+                        "sampler_seed": tc.seed,
+                        "data_state": data_state,
+                    },
+                    ckpt_dir / "last.pt",
+                )
+            distributed.barrier(env)
+            if (
+                tc.stop_after_epoch is not None
+                and epoch + 1 >= tc.stop_after_epoch
+                and epoch + 1 < tc.epochs
+            ):
+                if env.is_main:
+                    print(
+                        f"stopped after epoch {epoch + 1} (train.stop_after_epoch); continue with --resume {run_dir}"
+                    )
+                return TrainResult(run_dir, None, epoch + 1, history)
+
+        # ---- the selected checkpoint, evaluated once on test ----
+        if best["epoch"] < 0:
+            raise UserError(
+                f"no epoch had a finite validation {tc.select_by}: the validation split needs both "
+                "classes (and, for es_auc, groups with both classes)"
+            )
+        selected = checkpoint.load(ckpt_dir / "best.pt")
+        model.load_state_dict(selected["model"])
+        method.load_state_dict(selected["method"])
+        summaries: dict[str, Any] = {}
+        for split in dict.fromkeys(["val", "test", *cfg.output.predictions]):
+            preds = predict(
+                model,
+                method,
+                val_loader if split == "val" else eval_loader(split),
+                to_device=to_device,
+                env=env,
+                amp_dtype=amp_dtype,
+            )
+            if split in ("val", "test"):
+                n_boot = cfg.output.n_boot if split == "test" else 0
+                summaries[split] = evaluate_predictions(
+                    preds, data.group_names, attribute, n_boot=n_boot, seed=tc.seed
+                )
+            if env.is_main and split in cfg.output.predictions:
+                write_predictions(
+                    preds, split, data.group_names, run_dir / f"predictions_{split}.csv"
+                )
+        metrics = {
+            "method": cfg.method.name,
+            "variant": getattr(cfg.method, "variant", None) or cfg.method.name,
+            "select_by": tc.select_by,
+            "selected_epoch": best["epoch"],
+            "attribute": attribute,
+            "val": summaries["val"],
+            "test": summaries["test"],
+            "time_per_step_s": timing["seconds"] / max(1, timing["steps"]),
+            **_peak_memory(device),
+            "uses_attribute_at_test": bool(method_cls.uses_attribute_at_test),
+            "tau": getattr(cfg.method, "tau", None),
+            "world_size": env.world_size,
+        }
+        if env.is_main:
+            dump_json(metrics, run_dir / "metrics.json")
+        return TrainResult(run_dir, metrics, tc.epochs, history)
+    finally:
+        logger.close()
+
+
+# ---------------------------------------------------------------------------------------
+# small helpers of the loop
+
+
+def _check_finite(first_bad: Tensor, epoch: int, record: Mapping[str, Any], ckpt_dir: Path) -> None:
+    bad_step = int(first_bad)  # host sync: only at log steps and epoch ends
+    if bad_step < 0:
+        return
+    parts = ", ".join(f"{k[5:]}={v:.4g}" for k, v in record.items() if k.startswith("loss/"))
+    last = ckpt_dir / "last.pt"
+    kept = (
+        f"the last good checkpoint is {last}"
+        if last.is_file()
+        else "no epoch completed, so no checkpoint was written"
+    )
+    raise NonFiniteLossError(
+        f"the training loss became non-finite at step {bad_step} (epoch {epoch + 1})"
+        f"{f' [{parts}]' if parts else ''}; stopped - {kept}. Try a lower train.lr, "
+        "train.amp=off, or check the inputs for NaN"
+    )
+
+
+def _selection_metric(summary: Mapping[str, Any], attribute: str, select_by: str) -> float:
+    value = (
+        summary["overall"]["auc"]
+        if select_by == "auc"
+        else summary["attributes"][attribute]["es_auc"]
+    )
+    return float(value) if value is not None and math.isfinite(value) else -math.inf
+
+
+def _epoch_line(record: Mapping[str, Any], select_by: str) -> str:
+    val = record["val"]
+    fmt = lambda x: "  n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
+    mark = " *" if record["selected"] else ""
+    return (
+        f"epoch {record['epoch'] + 1}: train loss {record['train_loss']:.4f} | val AUC "
+        f"{fmt(val['auc'])} ES-AUC {fmt(val['es_auc'])} DPD {fmt(val['dpd'])} DEOdds "
+        f"{fmt(val['deodds'])} | {record['seconds']:.1f}s{mark}"
+    )
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak device memory on CUDA; the process's peak resident set on CPU (says which)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+            "peak_memory_kind": "cuda_max_allocated",
+        }
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return {"peak_memory_bytes": int(rss), "peak_memory_kind": "process_max_rss"}
+    except ImportError:  # not on Windows
+        return {"peak_memory_bytes": None, "peak_memory_kind": None}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
