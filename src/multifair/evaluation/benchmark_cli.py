@@ -1,0 +1,114 @@
+"""`multifair benchmark` and `multifair report`.
+
+multifair benchmark CONFIG               run the matrix (resumable), print + write the tables
+multifair benchmark run CONFIG           the same, spelled out
+multifair benchmark CONFIG --plan        print one `python -m multifair train ...` line per run
+multifair benchmark collect DIR          aggregate whatever has finished under DIR
+multifair report RUN_DIR|BENCH_DIR       self-contained HTML report
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from multifair.errors import UserError
+from multifair.evaluation import benchmark as bm
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "benchmark",
+        help="run a methods x seeds x attributes matrix and tabulate it",
+        description="Run a benchmark matrix as separate training processes (resumable), then "
+        "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
+        "Forms: `benchmark CONFIG`, `benchmark run CONFIG`, `benchmark collect DIR`.",
+    )
+    p.add_argument("target", nargs="+", metavar="[run|collect] CONFIG|DIR")
+    p.add_argument("--plan", action="store_true", help="print one command line per run and exit")
+    p.add_argument("--workers", type=int, default=None, help="parallel runs (overrides config)")
+    p.add_argument(
+        "--n-boot", type=int, default=None, help="bootstrap resamples (overrides config)"
+    )
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.set_defaults(func=run)
+
+    r = subparsers.add_parser(
+        "report",
+        help="self-contained HTML report of a run or a benchmark directory",
+        description="Write report.html (figures embedded; no server, no network needed).",
+    )
+    r.add_argument("path", help="a run directory or a benchmark directory")
+    r.add_argument(
+        "-o", "--output", default=None, help="where to write (default: PATH/report.html)"
+    )
+    r.set_defaults(func=run_report)
+
+
+def _parse_target(target: list[str]) -> tuple[str, str]:
+    if target[0] in ("run", "collect"):
+        if len(target) != 2:
+            raise UserError(f"`benchmark {target[0]}` takes exactly one path, got {target[1:]}")
+        return target[0], target[1]
+    if len(target) != 1:
+        raise UserError(
+            f"unexpected arguments {target[1:]} (forms: CONFIG, run CONFIG, collect DIR)"
+        )
+    return "run", target[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    action, path = _parse_target(args.target)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.n_boot is not None and args.n_boot < 0:
+        raise UserError(f"--n-boot must be >= 0, got {args.n_boot}")
+    if action == "collect":
+        if args.plan:
+            raise UserError("--plan goes with a benchmark CONFIG, not with `collect`")
+        return _summarise(bm.collect(path), args)
+
+    cfg, out_dir = bm.load_benchmark(path)
+    runs = bm.plan(cfg, out_dir)
+    bm.write_manifest(cfg, out_dir)
+    if args.plan:
+        for command in bm.synth_commands(cfg):
+            print("# data:", " ".join(command))
+        for line in bm.plan_lines(cfg, runs):
+            print(line)
+        print(
+            f"# {len(runs)} runs; then: multifair benchmark collect {out_dir}",
+            file=sys.stderr,
+        )
+        return 0
+    echo = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    bm.prepare_data(cfg, echo)
+    outcomes = bm.execute(cfg, runs, out_dir, workers=args.workers, echo=echo)
+    status = _summarise(bm.collect(out_dir, cfg), args)
+    failed = [o for o in outcomes if o.status == "failed"]
+    return 1 if failed else status
+
+
+def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
+    """Print the tables, write results/ and the report; say what is missing or failed."""
+    from multifair.evaluation.report import write_report
+
+    tables = bm.build_tables(collection, n_boot=args.n_boot)
+    bm.print_tables(tables)
+    paths = bm.write_results(tables, collection)
+    print(f"{bm._status_line(collection)}", file=sys.stderr)
+    for run, err in collection.failed:
+        print(f"FAILED {run.run_id}:\n{bm._indent(err)}", file=sys.stderr)
+    print(f"tables: {paths['markdown']}, {paths['csv']}, {paths['json']}", file=sys.stderr)
+    if not args.no_report:
+        report = write_report(collection.out_dir, collection=collection, tables=tables)
+        print(f"report: {report}", file=sys.stderr)
+    return 1 if collection.failed else 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from multifair.evaluation.report import write_report
+
+    print(f"report: {write_report(Path(args.path), args.output)}")
+    return 0

@@ -1,0 +1,240 @@
+"""Benchmark config, plan, collection and tables, on run directories written in the documented
+layout by tests/evaluation/conftest.py (no training)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from multifair.config import parse_overrides
+from multifair.errors import UserError
+from multifair.evaluation import benchmark as bm
+
+BASE = {"data": {"kind": "table", "path": "sklearn:diabetes"}, "method": {"name": "erm"}}
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(BASE))
+    cfg = {
+        "name": "unit",
+        "base": "train.yaml",
+        "output": str(tmp_path / "bench"),
+        "overrides": {"train": {"epochs": 1}, "data.unknown": "drop"},
+        "attributes": ["race"],
+        "seeds": [0, 1],
+        "methods": [
+            {"label": "erm", "method": {"name": "erm"}},
+            {"label": "mf", "method": {"name": "multifair", "rho": 1.2}},
+            {
+                "label": "erm-es",
+                "method": {"name": "erm"},
+                "overrides": {"train.select_by": "es_auc"},
+            },
+        ],
+        "sweep": {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},
+    }
+    cfg.update(changes)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---- config and plan ----------------------------------------------------------------------------
+def test_plan_is_deterministic_and_overrides_round_trip(tmp_path):
+    cfg, out_dir = bm.load_benchmark(write_config(tmp_path))
+    runs = bm.plan(cfg, out_dir)
+    # erm x 2 seeds + mf x 2 tau x 2 seeds + erm-es x 2 seeds
+    assert len(runs) == 8
+    assert [r.run_id for r in runs[:4]] == [
+        "data/race/erm/seed0",
+        "data/race/erm/seed1",
+        "data/race/mf__tau=0.02/seed0",
+        "data/race/mf__tau=0.02/seed1",
+    ]
+    assert runs == bm.plan(cfg, out_dir)  # same config -> same runs, same order
+    lines = bm.plan_lines(cfg, runs)
+    argv = shlex.split(lines[3])
+    assert argv[1:4] == ["-m", "multifair", "train"]
+    assert argv[4] == str((tmp_path / "train.yaml").resolve())
+    parsed = parse_overrides(argv[5:])
+    assert parsed == {
+        "train": {"epochs": 1, "seed": 1},
+        "data": {"unknown": "drop", "attribute": "race"},
+        "method": {"name": "multifair", "rho": 1.2, "tau": 0.02},
+        "output": {"dir": str(out_dir / "runs/data/race/mf__tau=0.02/seed1")},
+    }
+    es = parse_overrides(shlex.split(lines[-1])[5:])
+    assert es["train"]["select_by"] == "es_auc" and es["method"] == {"name": "erm"}
+
+
+@pytest.mark.parametrize(
+    "value", ["erm", "yes", "a b", "", 3, 0.1, 1e-5, True, None, [0.5, 1], {"a": 1}, "x: y"]
+)
+def test_format_value_reads_back_unchanged(value):
+    text = bm.format_value(value)
+    assert parse_overrides([f"k={text}"])["k"] == value
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"workerz: unknown key"):
+        bm.load_benchmark(write_config(tmp_path, workerz=2))
+    with pytest.raises(UserError, match=r"sweep\.methods: .*'nope'"):
+        bm.load_benchmark(
+            write_config(tmp_path, sweep={"key": "method.tau", "values": [1], "methods": ["nope"]})
+        )
+    dup = [{"label": "erm", "method": {"name": "erm"}}] * 2
+    with pytest.raises(UserError, match="labels must be unique"):
+        bm.load_benchmark(write_config(tmp_path, methods=dup))
+    with pytest.raises(UserError, match=r"methods\.0\.method.*needs a `name`"):
+        bm.load_benchmark(write_config(tmp_path, methods=[{"label": "x", "method": {}}]))
+    with pytest.raises(UserError, match="training config not found"):
+        bm.load_benchmark(write_config(tmp_path, base="missing.yaml"))
+
+
+# ---- paired differences -----------------------------------------------------------------------
+def test_paired_difference_matches_a_hand_computation():
+    row = {0: 0.80, 1: 0.75, 2: 0.71, 3: 0.90, 7: 0.5}
+    ref = {0: 0.79, 1: 0.72, 2: 0.72, 3: 0.88, 9: 0.1}  # seeds 7 and 9 are unpaired
+    p = bm.paired_difference(row, ref)
+    diffs = [0.01, 0.03, -0.01, 0.02]
+    mean = sum(diffs) / 4  # 0.0125
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    t975_3df = 3.182446305284263  # Student t, 97.5th percentile, 3 degrees of freedom (table)
+    assert p.n == 4
+    assert p.diffs == pytest.approx(diffs)
+    assert p.mean == pytest.approx(0.0125)
+    assert p.lo == pytest.approx(mean - t975_3df * sd / 2)
+    assert p.hi == pytest.approx(mean + t975_3df * sd / 2)
+    one = bm.paired_difference({0: 0.8}, {0: 0.7})
+    assert one.n == 1 and one.mean == pytest.approx(0.1) and math.isnan(one.lo)
+    assert bm.paired_difference({0: math.nan}, {0: 0.7}).n == 0
+
+
+# ---- collection and tables ----------------------------------------------------------------------
+def populate(
+    tmp_path: Path, make_run_dir, *, skip: tuple[str, ...] = ()
+) -> tuple[bm.BenchmarkConfig, Path]:
+    """A finished benchmark: erm, a FIN-like row, a unimodal reference row, 3 seeds."""
+    meta = tmp_path / "synth_meta.json"
+    meta.write_text(
+        json.dumps({"best_auc": {"race": {"white": 0.93, "black": 0.88, "asian": 0.86}}})
+    )
+    path = write_config(
+        tmp_path,
+        seeds=[0, 1, 2],
+        sweep=None,
+        datasets=[{"label": "synth", "synth_meta": str(meta)}],
+        methods=[
+            {"label": "erm", "method": {"name": "erm"}},
+            {"label": "fin", "method": {"name": "fin"}},
+            {"label": "oct only", "method": {"name": "unimodal", "modality": "oct"}},
+        ],
+    )
+    cfg, out_dir = bm.load_benchmark(path)
+    bm.write_manifest(cfg, out_dir)
+    strength = {"erm": 1.0, "fin": 1.3, "oct only": 0.6}
+    for run in bm.plan(cfg, out_dir):
+        if run.run_id in skip:
+            continue
+        make_run_dir(
+            run.run_dir,
+            method=run.method,
+            seed=run.seed,
+            signal=strength[run.label],
+            minority_signal=strength[run.label] * 0.6,
+            uses_attribute_at_test=run.label == "fin",
+            time_per_step_s=0.01 * (1 + run.seed),
+        )
+    return cfg, out_dir
+
+
+def test_tables_match_the_runs_metrics(tmp_path, make_run_dir):
+    _, out_dir = populate(tmp_path, make_run_dir)
+    collection = bm.collect(out_dir)
+    assert len(collection.finished) == 9 and not collection.missing
+    (table,) = bm.build_tables(collection, n_boot=50)
+    assert (table.dataset, table.attribute) == ("synth", "race")
+    assert table.groups == ["white", "black", "asian"]
+    rows = {r.label: r for r in table.rows}
+    by_seed = {
+        (r.run.label, r.run.seed): json.loads((r.run.run_dir / "metrics.json").read_text())
+        for r in collection.finished
+    }
+    for label in ("erm", "fin"):
+        aucs = [by_seed[(label, s)]["test"]["overall"]["auc"] for s in range(3)]
+        assert rows[label].mean["auc"] == pytest.approx(np.mean(aucs))
+        assert rows[label].std["auc"] == pytest.approx(np.std(aucs, ddof=1))
+        worst = [
+            min(g["auc"] for g in by_seed[(label, s)]["test"]["attributes"]["race"]["groups"])
+            for s in range(3)
+        ]
+        assert rows[label].mean["worst_auc"] == pytest.approx(np.mean(worst))
+    assert rows["erm"].mean["time_per_step_s"] == pytest.approx(0.02)
+    # paired differences: fin vs erm only (the unimodal row is a reference line)
+    assert table.reference == "erm" and table.comparisons == 3
+    assert set(rows["fin"].paired) == {"auc", "es_auc", "worst_auc"}
+    assert not rows["oct only"].paired and rows["oct only"].reference_only
+    hand = [
+        by_seed[("fin", s)]["test"]["attributes"]["race"]["es_auc"]
+        - by_seed[("erm", s)]["test"]["attributes"]["race"]["es_auc"]
+        for s in range(3)
+    ]
+    assert rows["fin"].paired["es_auc"].mean == pytest.approx(np.mean(hand))
+    # pooled bootstrap CI: a real interval around the pooled estimate
+    lo, hi = rows["erm"].ci["auc"]
+    assert 0.5 < lo < hi < 1.0
+    assert set(rows["erm"].ci) >= {"es_auc", "dpd", "deodds", "auc/white", "auc/asian"}
+    assert table.best_achievable == {"white": 0.93, "black": 0.88, "asian": 0.86}
+    assert rows["fin"].uses_attribute_at_test and not rows["erm"].uses_attribute_at_test
+
+
+def test_markdown_csv_json_outputs(tmp_path, make_run_dir):
+    _, out_dir = populate(tmp_path, make_run_dir)
+    collection = bm.collect(out_dir)
+    tables = bm.build_tables(collection, n_boot=20)
+    paths = bm.write_results(tables, collection)
+    md = paths["markdown"].read_text()
+    assert "## synth / race" in md
+    assert f"fin {bm.ATTRIBUTE_MARK}" in md and "uses the sensitive attribute at test time" in md
+    assert "oct only (reference)" in md and "best achievable (generator) |" in md
+    assert "### paired difference to erm (by seed)" in md
+    assert "3 comparisons, intervals not adjusted for multiplicity" in md
+    assert "| AUC white | AUC black | AUC asian |" in md.replace(" ± ", "")
+    rows = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    assert [r["label"] for r in rows] == ["erm", "fin", "oct only"]
+    assert float(rows[1]["d_auc_n"]) == 3 and rows[0]["d_auc_mean"] == ""
+    data = json.loads(paths["json"].read_text())
+    assert data["runs"]["finished"] == 9
+    fin = data["tables"][0]["rows"][1]
+    assert fin["paired"]["auc"]["n"] == 3 and len(fin["per_seed"]) == 3
+
+
+def test_collect_reports_missing_and_failed_runs(tmp_path, make_run_dir):
+    cfg, out_dir = populate(tmp_path, make_run_dir, skip=("synth/race/fin/seed2",))
+    # a failed attempt as the runner leaves it: status + stderr under logs/
+    run = next(r for r in bm.plan(cfg, out_dir) if r.run_id == "synth/race/fin/seed2")
+    _, err, status = bm._log_paths(out_dir, run)
+    err.parent.mkdir(parents=True, exist_ok=True)
+    err.write_text("Traceback...\nRuntimeError: boom\n")
+    status.write_text(json.dumps({"status": "failed", "returncode": 1}))
+    collection = bm.collect(out_dir)
+    assert [r.run_id for r in collection.missing] == ["synth/race/fin/seed2"]
+    assert collection.failed[0][1].endswith("RuntimeError: boom")
+    (table,) = bm.build_tables(collection, n_boot=0)
+    fin = next(r for r in table.rows if r.label == "fin")
+    assert fin.seeds == [0, 1] and fin.paired["auc"].n == 2 and fin.ci == {}
+    md = bm.to_markdown([table], collection)
+    assert "8 of 9 runs finished; 1 missing (1 failed)" in md and "RuntimeError: boom" in md
+
+
+def test_collect_needs_a_benchmark_dir(tmp_path):
+    with pytest.raises(UserError, match="not a benchmark directory"):
+        bm.collect(tmp_path)

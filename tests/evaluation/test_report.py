@@ -1,0 +1,93 @@
+"""HTML reports: expected sections, embedded images, nothing fetched from a network."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import yaml
+
+from multifair.evaluation import benchmark as bm
+from multifair.evaluation.report import write_report
+
+IMG = re.compile(r'<img alt="figure" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+
+
+def assert_self_contained(html: str) -> list[bytes]:
+    """No network reference, no script, every image an embedded PNG; returns the PNGs."""
+    assert not re.search(r"https?://", html)
+    assert "<script" not in html and "<link" not in html
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    pngs = [base64.b64decode(m) for m in IMG.findall(html)]
+    assert pngs and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
+    return pngs
+
+
+def test_run_report_sections_images_and_diagnostics(tmp_path, make_run_dir, make_log):
+    log = make_log(epochs=6, steps_per_epoch=10)
+    for rec in log:  # gap above tau on every step: the gap diagnostic must fire
+        if rec["kind"] == "step":
+            rec["gap"] = 0.2
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir, method="multifair", tau=0.04, log=log)
+    path = write_report(run_dir)
+    assert path == run_dir / "report.html"
+    html = path.read_text()
+    for section in ("Test metrics", "Per-group ROC curves", "Training", "Diagnostics"):
+        assert f"<h2>{section}" in html
+    # ROC, aux AUC, factors, gap vs tau, validation per epoch
+    assert len(assert_self_contained(html)) == 5
+    assert "group AUC gap stays above tau for most of training" in html
+    assert "ES-AUC" in html and "white" in html
+
+
+def test_run_report_says_when_no_signature_is_found(tmp_path, make_run_dir, make_log):
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir, log=make_log())
+    html = write_report(run_dir, tmp_path / "elsewhere" / "r.html").read_text()
+    assert "No known failure signature found" in html
+
+
+def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, make_run_dir):
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump({"method": {"name": "erm"}}))
+    cfg_path = tmp_path / "bench.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "report-test",
+                "base": "train.yaml",
+                "output": str(tmp_path / "bench"),
+                "attributes": ["race"],
+                "seeds": [0, 1],
+                "n_boot": 0,
+                "methods": [
+                    {"label": "erm", "method": {"name": "erm"}},
+                    {"label": "mf", "method": {"name": "multifair"}},
+                ],
+                "sweep": {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},
+            }
+        )
+    )
+    cfg, out_dir = bm.load_benchmark(cfg_path)
+    bm.write_manifest(cfg, out_dir)
+    for run in bm.plan(cfg, out_dir):
+        make_run_dir(
+            run.run_dir, method=run.method, seed=run.seed, signal=1 + (run.sweep_value or 0)
+        )
+    html = write_report(out_dir).read_text()
+    for section in (
+        "<h2>data / race</h2>",
+        "<h3>Fairness vs AUC</h3>",
+        "<h3>Paired differences to erm</h3>",
+        "<h3>Sweep</h3>",
+        "<h3>Per-group ROC curves",
+        "<h3>Training curves",
+        "<h3>Diagnostics (every run)</h3>",
+        "paired difference to erm (by seed)",
+        "mf [tau=0.02]",
+    ):
+        assert section in html, section
+    # scatter + paired + sweep + 3 ROC (erm, mf@0.02, mf@0.08) + 3 x 4 training figures
+    assert len(assert_self_contained(html)) == 3 + 3 + 12
+    assert "6 of 6 runs finished" in html
