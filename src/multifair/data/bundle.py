@@ -1,0 +1,234 @@
+"""What every loader returns: a `DataBundle` of split datasets plus what the model builder,
+the trainer and the reports need to know about them.
+
+Samples are dicts (one entry per modality, plus label, group, attributes, sample_id, index);
+`Collator` stacks them into the batch of docs/architecture.md, and `DataBundle.to_device`
+finishes the preprocessing on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from multifair.data.config import DataConfig
+from multifair.data.transforms import to_model
+from multifair.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ModalityKind = Literal["image", "volume", "tabular", "text"]
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """What one modality looks like, so the model builder can pick an encoder.
+
+    `shape` is the per-sample shape the MODEL receives after `to_device`:
+    image (C, H, W) float, volume (K, H, W) float (K slices), tabular (F,) float, text () -
+    a string. `stored_shape`/`stored_dtype` describe the collated batch before `to_device`
+    (uint8 images stay uint8 until they reach the device).
+    """
+
+    name: str
+    kind: ModalityKind
+    shape: tuple[int, ...]
+    channels: int  # image: C; volume: K slices; tabular: F features; text: 0
+    stored_shape: tuple[int, ...]
+    stored_dtype: str  # "uint8" | "float32" | "str"
+    features: tuple[str, ...] = ()  # tabular: the encoded feature names (len F)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out["stored_shape"] = list(self.stored_shape)
+        out["features"] = list(self.features)
+        return out
+
+
+@dataclass
+class Collator:
+    """Stacks sample dicts into a batch dict (picklable, so DataLoader workers can run it)."""
+
+    kinds: dict[str, ModalityKind]
+    attributes: list[str]
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        batch: dict[str, Any] = {}
+        for name, kind in self.kinds.items():
+            items = [s[name] for s in samples]
+            batch[name] = list(items) if kind == "text" else torch.stack(items, 0)
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+        batch["group"] = torch.tensor([s["group"] for s in samples], dtype=torch.int64)
+        batch["attributes"] = {
+            a: torch.tensor([s["attributes"][a] for s in samples], dtype=torch.int64)
+            for a in self.attributes
+        }
+        batch["sample_id"] = [s["sample_id"] for s in samples]
+        batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
+        return batch
+
+
+@dataclass
+class DataBundle:
+    """The loaded data: split datasets plus their description.
+
+    datasets: split -> torch Dataset of sample dicts.
+    modalities: name -> ModalitySpec (insertion order is the dataset's modality order).
+    attributes: evaluated attributes; train_attribute: the one whose codes are batch["group"].
+    group_names: attribute -> {code: name} (code -1 = unknown is not listed).
+    source: "npz", "cache" or "table" - where the samples are read from.
+    skipped: the files skipped under `skip_bad` (file, key, problem), for reports.
+    """
+
+    config: DataConfig
+    datasets: dict[str, Dataset]
+    modalities: dict[str, ModalitySpec]
+    attributes: list[str]
+    group_names: dict[str, dict[int, str]]
+    train_attribute: str
+    source: str
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    fitted: dict[str, Any] | None = None  # table preprocessing fitted on train (see table.py)
+
+    def __post_init__(self) -> None:
+        self.collate = Collator(
+            kinds={m: s.kind for m, s in self.modalities.items()}, attributes=list(self.attributes)
+        )
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups of the training attribute (codes 0..n_groups-1)."""
+        return len(self.group_names[self.train_attribute])
+
+    def to_device(
+        self,
+        batch: Mapping[str, Any],
+        device: torch.device | str,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Any]:
+        """Move a batch to `device` and finish preprocessing there.
+
+        image: uint8 (B, C, H, W) -> float (B, channels, H, W), gray -> RGB, train-only flip +
+        colour jitter (when `augment`), ImageNet normalisation. volume: uint8 (B, K, H, W) ->
+        float, per-slice z-score. tabular: float32 (B, F) as is. text: list[str] as is.
+        `generator` (on `device`) makes the augmentation reproducible.
+        """
+        return to_model(
+            batch,
+            {m: s.kind for m, s in self.modalities.items()},
+            device,
+            train,
+            channels=self.config.channels,
+            augment=self.config.augment,
+            generator=generator,
+        )
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int64 labels of a split (no sample loading)."""
+        return np.asarray(self.datasets[split].labels, dtype=np.int64)  # type: ignore[attr-defined]
+
+    def groups(self, split: str, attribute: str | None = None) -> np.ndarray:
+        """(N,) int64 codes of an attribute (default: the training one) for a split."""
+        ds = self.datasets[split]
+        return np.asarray(ds.codes[attribute or self.train_attribute], dtype=np.int64)  # type: ignore[attr-defined]
+
+    def sample_ids(self, split: str) -> list[str]:
+        return list(self.datasets[split].sample_ids)  # type: ignore[attr-defined]
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able description to store with a run: the config, the group vocabulary and any
+        preprocessing fitted on the training split. `build_data(cfg, splits, state=...)` reuses
+        it, so predictions on new data go through exactly the same transform."""
+        return {
+            "version": STATE_VERSION,
+            "kind": self.config.kind,
+            "config": self.config.model_dump(mode="json"),
+            "attributes": list(self.attributes),
+            "train_attribute": self.train_attribute,
+            "group_names": {
+                a: {str(code): name for code, name in names.items()}
+                for a, names in self.group_names.items()
+            },
+            "modalities": {m: s.to_dict() for m, s in self.modalities.items()},
+            "fitted": self.fitted,
+        }
+
+    def describe(self) -> str:
+        """A few lines for logs: sizes, modalities, groups."""
+        lines = [f"data: {self.config.kind} ({self.source})"]
+        for split, ds in self.datasets.items():
+            lines.append(f"  {split}: {len(ds)} samples")  # type: ignore[arg-type]
+        for m, s in self.modalities.items():
+            lines.append(f"  {m}: {s.kind} {tuple(s.shape)}")
+        names = self.group_names[self.train_attribute]
+        lines.append(f"  groups ({self.train_attribute}): {names}")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} bad file(s)")
+        return "\n".join(lines)
+
+
+def check_state(state: Mapping[str, Any], kind: str) -> None:
+    """Refuse a state from another kind or format version (a user mixing runs)."""
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        raise UserError(
+            f"data state: unsupported version {state.get('version') if isinstance(state, Mapping) else state!r}"
+        )
+    if state.get("kind") != kind:
+        raise UserError(f"data state is for kind {state.get('kind')!r}, the config says {kind!r}")
+
+
+def state_group_names(state: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+    return {
+        a: {int(code): name for code, name in names.items()}
+        for a, names in state["group_names"].items()
+    }
+
+
+def make_loader(
+    bundle: DataBundle,
+    split: str,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    sampler: Sampler[int] | None = None,
+    num_workers: int | None = None,
+    drop_last: bool = False,
+    pin_memory: bool | None = None,
+) -> DataLoader:
+    """A DataLoader over one split that yields collated (uint8) batches.
+
+    Pass a `sampler` (e.g. `DistributedSampler(bundle.datasets[split], shuffle=True,
+    seed=seed)`, with `sampler.set_epoch(epoch)` each epoch) to shard across ranks; then
+    `shuffle` must be False. `num_workers` defaults to the config's.
+    """
+    if split not in bundle.datasets:
+        raise UserError(f"split {split!r} was not loaded (loaded: {sorted(bundle.datasets)})")
+    if sampler is not None and shuffle:
+        raise ValueError("give either a sampler or shuffle=True, not both")
+    workers = bundle.config.num_workers if num_workers is None else num_workers
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        bundle.datasets[split],
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=bundle.collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )

@@ -1,0 +1,214 @@
+"""The `data` section of a run config: one pydantic model for the three kinds of input.
+
+`kind` selects the loader: "fairvision" and "fairvlmed" read the Harvard npz trees,
+"table" reads a CSV/Parquet file described column by column. Fields that belong to another
+kind are rejected when set (so a typo'd or misplaced key fails at load time, naming the key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from multifair.errors import UserError
+
+Kind = Literal["fairvision", "fairvlmed", "table"]
+Split = str  # "train" | "val" | "test" (table also accepts "all")
+SPLITS: tuple[str, str, str] = ("train", "val", "test")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelSpec(_Strict):
+    """How a table's label column becomes 0/1.
+
+    Without `rule`/`positive` the column must hold 0/1 (or booleans such as 'yes'/'no',
+    't'/'f', 'TRUE'/'FALSE'). `rule` is a comparison with a number, e.g. "> 0" or ">= 140.5";
+    `positive` lists the values that count as 1 (everything else is 0), e.g. ["M", "yes"].
+    """
+
+    column: str
+    rule: str | None = None
+    positive: list[str | int | float] | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> LabelSpec:
+        if self.rule is not None and self.positive is not None:
+            raise ValueError("give either rule or positive, not both")
+        return self
+
+
+class AttributeColumn(_Strict):
+    """A table column that defines a demographic attribute.
+
+    Strings (or integers) become codes 0..G-1 in sorted order unless `names` maps each raw
+    value to a display name (its position in `names` is the code). Numeric columns can be
+    binned with `bins` (ascending edges; G = len(bins) + 1 groups, left-closed). Missing values
+    and the raw values listed in `unknown_values` get code -1 (unknown).
+    """
+
+    column: str
+    bins: list[float] | None = None
+    names: dict[str, str] | list[str] | None = None
+    unknown_values: list[str | int | float] = Field(default_factory=list)
+
+
+class TableModality(_Strict):
+    """One modality of a table.
+
+    tabular: `columns` (numbers, booleans and categories mixed; types are detected, and
+    `categorical` forces columns to be treated as categories). image/volume: `column` holds a
+    path (relative to the table file) to an .npz (array `key`), .npy, .png or .jpg file.
+    text: `column` holds the text.
+    """
+
+    kind: Literal["tabular", "image", "volume", "text"] = "tabular"
+    columns: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    column: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> TableModality:
+        if self.kind == "tabular":
+            if not self.columns:
+                raise ValueError("a tabular modality needs a non-empty `columns` list")
+            if self.column is not None:
+                raise ValueError("`column` is for image/volume/text modalities; use `columns`")
+            missing = [c for c in self.categorical if c not in self.columns]
+            if missing:
+                raise ValueError(f"categorical columns {missing} are not in `columns`")
+        else:
+            if self.column is None:
+                raise ValueError(f"a {self.kind} modality needs `column` (the path/text column)")
+            if self.columns:
+                raise ValueError(f"`columns` is for tabular modalities, not {self.kind}")
+        return self
+
+
+class SplitSpec(_Strict):
+    """How a table's rows are split.
+
+    `column` names a column whose values name the split (`names` maps our split names to
+    the values used in the file; the defaults accept train/training, val/valid/validation,
+    test/testing, case-insensitive). Without `column`, a seeded split stratified by label
+    and training attribute with the given `fractions`.
+    """
+
+    column: str | None = None
+    names: dict[str, list[str]] | None = None
+    fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2}
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> SplitSpec:
+        bad = set(self.fractions) - set(SPLITS)
+        if bad:
+            raise ValueError(f"fractions: unknown split(s) {sorted(bad)}; use {list(SPLITS)}")
+        if any(v < 0 for v in self.fractions.values()):
+            raise ValueError("fractions must be >= 0")
+        total = sum(self.fractions.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"fractions must sum to 1 (got {total:g})")
+        if self.names is not None:
+            bad = set(self.names) - set(SPLITS)
+            if bad:
+                raise ValueError(f"names: unknown split(s) {sorted(bad)}; use {list(SPLITS)}")
+        return self
+
+
+# Which optional fields each kind may set (the rest must keep their default).
+_KIND_FIELDS: dict[str, set[str]] = {
+    "fairvision": {"root", "label_key", "disease"},
+    "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note"},
+    "table": {"path", "label", "attribute_columns", "columns", "split", "id_column"},
+}
+_ALL_KIND_FIELDS = set().union(*_KIND_FIELDS.values())
+
+
+class DataConfig(_Strict):
+    """Everything a loader needs. See `multifair.data` for the API built on it."""
+
+    kind: Kind
+    # -- where ------------------------------------------------------------------------------
+    root: Path | None = None  # fairvision/fairvlmed: the dataset folder
+    path: str | dict[str, str] | None = None  # table: file, {split: file}, or "sklearn:diabetes"
+    # -- groups -----------------------------------------------------------------------------
+    attribute: str = "race"  # the TRAINING attribute: its codes go to batch["group"]
+    attributes: list[str] | None = None  # evaluated attributes (default: all present)
+    # -1 (unknown) codes of the training attribute: keep them (metrics drop them), drop those
+    # samples from every split, or treat them as an error.
+    unknown: Literal["keep", "drop", "error"] = "keep"
+    # -- what the model reads ---------------------------------------------------------------
+    modalities: list[str] | None = None  # subset of the dataset's modalities (default: all)
+    image_size: int = Field(224, ge=8, le=4096)  # fundus side and OCT slice side, in pixels
+    oct_slices: int = Field(10, ge=1, le=1024)  # slices taken at linspace(0, D-1, K)
+    channels: Literal[1, 3] = 3  # fundus channels reaching the model (3: gray -> RGB)
+    augment: bool = True  # train-only flip + colour jitter (released preprocessing)
+    # -- loading ----------------------------------------------------------------------------
+    # None: use ROOT/.multifair_cache when it holds a valid cache for these settings;
+    # "off": never; a path: that cache must exist and match (else an error).
+    cache: str | None = None
+    num_workers: int = Field(2, ge=0)
+    skip_bad: bool = False  # skip (count and report) unreadable/invalid files instead of failing
+    # -- fairvision / fairvlmed -------------------------------------------------------------
+    label_key: str = "glaucoma"
+    disease: str = "Glaucoma"  # fairvision: the disease folder under ROOT
+    note: Literal["original", "summary"] = "original"  # fairvlmed: clinical note or GPT-4 summary
+    note_from: Literal["npz", "csv"] = "npz"  # fairvlmed: where the original note is read
+    lowercase_note: bool = True
+    # -- table ------------------------------------------------------------------------------
+    label: str | LabelSpec | None = None
+    attribute_columns: dict[str, str | AttributeColumn] = Field(default_factory=dict)
+    columns: dict[str, TableModality] = Field(default_factory=dict)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    id_column: str | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DataConfig:
+        allowed = _KIND_FIELDS[self.kind]
+        for name in sorted(_ALL_KIND_FIELDS - allowed):
+            value = getattr(self, name)
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if value != default:
+                owners = [k for k, f in _KIND_FIELDS.items() if name in f]
+                raise ValueError(f"`{name}` is only for kind {' / '.join(owners)}, not {self.kind}")
+        if self.kind in ("fairvision", "fairvlmed") and self.root is None:
+            raise ValueError(f"kind {self.kind} needs `root` (the dataset folder)")
+        if self.kind == "fairvlmed" and self.note == "summary" and self.note_from == "npz":
+            # the npz holds only the original note; summaries come from the CSVs
+            self.note_from = "csv"
+        if self.kind == "table":
+            if self.path is None:
+                raise ValueError("kind table needs `path` (a CSV/Parquet file or sklearn:diabetes)")
+            if self.label is None:
+                raise ValueError("kind table needs `label` (a column name or {column, rule})")
+            if not self.columns:
+                raise ValueError("kind table needs `columns` (modality name -> its columns)")
+        if self.attributes is not None and not self.attributes:
+            raise ValueError("attributes: give at least one attribute, or leave it out for all")
+        return self
+
+    def label_spec(self) -> LabelSpec:
+        assert self.label is not None
+        return LabelSpec(column=self.label) if isinstance(self.label, str) else self.label
+
+
+def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
+    """Read a YAML file holding a data section (`data: {...}`) or a bare data mapping."""
+    from multifair import config as _config
+
+    raw: dict[str, Any] = _config.load_yaml(path)
+    if "data" in raw and isinstance(raw["data"], dict):
+        raw = raw["data"]
+    if overrides:
+        raw = _config.deep_merge(raw, _config.parse_overrides(overrides))
+    if "kind" not in raw:
+        raise UserError(f"{path}: data.kind: missing (one of fairvision, fairvlmed, table)")
+    return _config.validate(DataConfig, raw, source=f"{path}: data")
