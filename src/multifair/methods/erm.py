@@ -49,7 +49,9 @@ class GradFactor(Method):
             )
         # A buffer, so the factors move to the device with the method (no host copy per step).
         self.register_buffer(
-            "factor", torch.tensor([params.factors.get(m, 1.0) for m in modalities])
+            "factor",
+            torch.tensor([params.factors.get(m, 1.0) for m in modalities]),
+            persistent=False,
         )
 
     def modulate_gradients(
