@@ -70,6 +70,10 @@ def es_formula(overall: float, group_values: list[float], alpha=1.0, skip_nan=Tr
     return overall / (1.0 + alpha * total)
 
 
+def spread_formula(values: list[float]) -> float:
+    return max(values) - min(values)
+
+
 def disparity_formula(overall: float, aucs: list[float], skip_nan=True) -> tuple[float, float]:
     if any(math.isnan(a) for a in aucs) and not skip_nan:
         return math.nan, math.nan
@@ -77,8 +81,11 @@ def disparity_formula(overall: float, aucs: list[float], skip_nan=True) -> tuple
     return statistics.pstdev(valid) / overall, (max(valid) - min(valid)) / overall
 
 
-def all_metrics(y, s, g, *, threshold=0.5, unknown="drop", single_class="skip") -> dict:
-    """Every attribute-level metric by the oracles above plus sklearn/fairlearn."""
+def all_metrics(
+    y, s, g, *, threshold=0.5, unknown="drop", single_class="skip", fairlearn=True
+) -> dict:
+    """Every attribute-level metric by the oracles above; DPD/DEOdds from fairlearn, or (faster,
+    for per-resample loops) from the per-group loop rates with fairlearn=False."""
     y, s, g = evaluated(y, s, g, unknown)
     groups = per_group(y, s, g, threshold)
     y_pred = (np.asarray(s) >= threshold).astype(int)
@@ -93,8 +100,15 @@ def all_metrics(y, s, g, *, threshold=0.5, unknown="drop", single_class="skip") 
         "overall_acc": overall_acc,
         "es_auc": es_formula(overall_auc, aucs, skip_nan=skip),
         "es_acc": es_formula(overall_acc, [v["acc"] for v in groups.values()]),
-        "dpd": demographic_parity_difference(y, y_pred, sensitive_features=g),
-        "deodds": equalized_odds_difference(y, y_pred, sensitive_features=g),
+        "dpd": demographic_parity_difference(y, y_pred, sensitive_features=g)
+        if fairlearn
+        else spread_formula([v["sel"] for v in groups.values()]),
+        "deodds": equalized_odds_difference(y, y_pred, sensitive_features=g)
+        if fairlearn
+        else max(
+            spread_formula([v["tpr"] for v in groups.values()]),
+            spread_formula([v["fpr"] for v in groups.values()]),
+        ),
         "auc_std_ratio": std_ratio,
         "auc_range_ratio": range_ratio,
     }

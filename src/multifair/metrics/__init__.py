@@ -2,7 +2,7 @@
 per-group selection rate / TPR / FPR), vectorised bootstrap CIs, the metrics summary and its
 table. Definitions and edge-case policies: `multifair.metrics.fairness` and docs/metrics.md."""
 
-from multifair.metrics.bootstrap import bootstrap, bootstrap_indices, percentile_interval
+from multifair.metrics.bootstrap import bootstrap_indices, bootstrap_metrics, percentile_interval
 from multifair.metrics.fairness import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN,
@@ -32,8 +32,8 @@ __all__ = [
     "GroupTable",
     "accuracy",
     "between_group_disparity",
-    "bootstrap",
     "bootstrap_indices",
+    "bootstrap_metrics",
     "demographic_parity_difference",
     "disaggregate",
     "encode_groups",

@@ -14,7 +14,7 @@ metric is then a weighted statistic of W, computed for all R resamples at once:
   functions the point estimates use, applied along the group axis.
 
 Indexing by `bootstrap_indices(n, n_boot, seed)` and recomputing each metric per resample gives
-the same numbers (tests/metrics/test_bootstrap.py checks this against sklearn/fairlearn loops).
+the same numbers (tests/metrics/test_metrics_bootstrap.py checks this against sklearn/fairlearn loops).
 A statistic that is undefined in a resample (e.g. a group drawn with a single class) is NaN
 there and left out of its percentile interval.
 """
@@ -36,7 +36,7 @@ from multifair.metrics.fairness import (
     spread,
 )
 
-__all__ = ["bootstrap", "bootstrap_indices", "percentile_interval"]
+__all__ = ["bootstrap_indices", "bootstrap_metrics", "percentile_interval"]
 
 # Rows of the counts matrix processed together: bounds memory at ~32 MB per (rows, n) array.
 _CHUNK_ELEMENTS = 1 << 22
@@ -45,7 +45,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     """The (n_boot, n) matrix of resampled positions (uniform with replacement), seeded.
 
-    `bootstrap` draws exactly these indices, so a naive per-resample loop over them reproduces
+    `bootstrap_metrics` draws exactly these indices, so a naive per-resample loop over them reproduces
     its replicates."""
     if n_boot < 0:
         raise UserError(f"n_boot={n_boot} must be >= 0")
@@ -162,7 +162,7 @@ class _AttributePlan:
         }
 
 
-def bootstrap(
+def bootstrap_metrics(
     y_true: object,
     y_score: object,
     *,

@@ -40,7 +40,7 @@ def encode_groups(
         if not np.all(as_float == np.round(as_float)):
             i = int(np.flatnonzero(as_float != np.round(as_float))[0])
             raise UserError(
-                f"{label}: value {present.iloc[i]!r} is neither an integer code nor a group name"
+                f"{label}: value {present.iloc[i]} is neither an integer code nor a group name"
             )
         codes = np.full(len(series), UNKNOWN, dtype=np.int64)
         codes[~missing] = as_float.astype(np.int64)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from multifair.errors import UserError
-from multifair.metrics.bootstrap import bootstrap, percentile_interval
+from multifair.metrics.bootstrap import bootstrap_metrics, percentile_interval
 from multifair.metrics.fairness import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN_POLICIES,
@@ -81,7 +81,7 @@ def summarize(
     }
     boot = None
     if n_boot > 0:
-        boot = bootstrap(
+        boot = bootstrap_metrics(
             y,
             s,
             sensitive_features=sensitive_features,
