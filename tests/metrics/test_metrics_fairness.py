@@ -146,6 +146,14 @@ def test_single_class_group_skip_vs_propagate():
     )
 
 
+def test_es_auc_is_undefined_when_every_group_is_single_class():
+    # Each group is single-class but the pooled set is not: nothing is left to compare.
+    y, s, g = np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.6, 0.9]), np.array([0, 0, 1, 1])
+    assert roc_auc(y, s) == 1.0
+    assert math.isnan(es_auc(y, s, groups=g))
+    assert all(math.isnan(v) for v in between_group_disparity(y, s, groups=g))
+
+
 def test_group_without_positives_has_tpr_zero_like_fairlearn():
     y, s, g = random_case(2)
     y = np.where(g == 2, 0, y)

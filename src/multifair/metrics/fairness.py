@@ -256,14 +256,16 @@ def equity_scaled(
     """overall / (1 + alpha * sum_g |per_group_g - overall|) over the groups present.
 
     A NaN in `per_group` (a single-class group's AUC) is left out with ``single_class="skip"``
-    and makes the result NaN with ``"propagate"``. Shapes: overall (...), per_group (..., G)."""
+    and makes the result NaN with ``"propagate"``; with no group left it is NaN too (not the
+    plain overall value). Shapes: overall (...), per_group (..., G)."""
     overall = np.asarray(overall, dtype=np.float64)
     deviation = np.abs(per_group - overall[..., None])  # (..., G)
+    valid = present & ~np.isnan(per_group)
     if single_class == "skip":
-        total = np.where(present & ~np.isnan(deviation), deviation, 0.0).sum(axis=-1)
+        total = np.where(valid, deviation, 0.0).sum(axis=-1)
     else:
         total = np.where(present, deviation, 0.0).sum(axis=-1)  # NaN survives the sum
-    return overall / (1.0 + alpha * total)
+    return np.where(valid.any(axis=-1), overall / (1.0 + alpha * total), np.nan)
 
 
 def spread(values: np.ndarray, present: np.ndarray) -> np.ndarray:
