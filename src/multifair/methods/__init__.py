@@ -3,10 +3,18 @@ imports every method explicitly (no discovery magic)."""
 
 # Method modules (each registers itself on import).
 from multifair.methods import (  # noqa: F401
+    cggm,
+    dgl,
     erm,
+    fin,
+    groupdro,
     lr_split,
+    mmpareto,
     multifair,
     multifair_adam,
+    ogm_ge,
+    pmr,
+    reweight,
     unimodal,
 )
 from multifair.methods.base import (
