@@ -398,6 +398,11 @@ def test_state_dict_round_trip_restores_emas_and_previous_aucs() -> None:
     _, b = run_loss(restored, model, batch)
     assert as_float(a.signals) == as_float(b.signals)
     assert torch.equal(method.group_ema, restored.group_ema)
+    # Outside training (method.eval()) the signals are computed but the state does not advance.
+    frozen = copy.deepcopy(method.state_dict())
+    method.eval()
+    run_loss(method, model, tiny_batch(MODS, seed=4))
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in frozen.items())
 
 
 def test_parameter_validation_names_the_key() -> None:

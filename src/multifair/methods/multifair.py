@@ -216,7 +216,8 @@ class MultiFair(Method):
         auc_now = torch.where(valid, auc, self.prev_auc)  # one-class batch: reuse A_i(t-1)
         change = (auc_now - self.prev_auc).abs()  # (M,)
         spread = change.sum() + 1e-8
-        self.prev_auc.copy_(auc_now)
+        if self.training:  # state advances only in training steps (a Python flag, no sync)
+            self.prev_auc.copy_(auc_now)
         return (spread - change) / spread, auc_now
 
     def _alignment_loss(
@@ -278,7 +279,8 @@ class MultiFair(Method):
             s_new = s_all + (s_local - s_local.detach())
             # Absent or one-class groups keep their previous value.
             ema = torch.where(valid, p.ema * prev + (1 - p.ema) * s_new, prev)
-        self.group_ema.copy_(ema.detach())
+        if self.training:
+            self.group_ema.copy_(ema.detach())
         mean = ema.mean(-1, keepdim=True)  # (M, 1) Abar_i
         lf = (ema - mean).abs().mean()
         gain = 1 + p.delta * (mean - ema).detach() / max(p.tau, 1e-4)  # (M, G) F_i^g
