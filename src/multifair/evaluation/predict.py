@@ -257,6 +257,7 @@ def load_run(
     *,
     which: str = "best",
     data_override: Any | None = None,
+    splits: Sequence[str] = ("train", "val", "test"),
     device: str = "auto",
 ) -> LoadedRun:
     """Rebuild a run's data, model and method and load `checkpoints/<which>.pt`.
@@ -278,7 +279,7 @@ def load_run(
         raise UserError(f"{run_dir}: no checkpoints/{which}.pt (has the run finished an epoch?)")
     state = checkpoint.load(path)
     data_cfg = data_override if data_override is not None else cfg.data
-    data = build_data(data_cfg, **_preprocessing_kwargs(state))
+    data = build_data(data_cfg, splits, state=state.get("data_state"))
     params = method_params(cfg)
     method_cls = METHODS.get(cfg.method.name)
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
@@ -293,10 +294,6 @@ def load_run(
     return LoadedRun(cfg, data, model, method, modalities, dev, str(path))
 
 
-def _preprocessing_kwargs(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {"state": state["data_state"]} if state.get("data_state") is not None else {}
-
-
 def evaluate_run(
     run_dir: str | Path,
     split: str = "test",
@@ -308,19 +305,18 @@ def evaluate_run(
     """The metrics summary of a trained run on one split of its own data."""
     from multifair.training.trainer import make_loader, resolve_amp
 
-    loaded = load_run(run_dir, which=which, device=device)
-    if split not in loaded.data.datasets:
-        raise UserError(f"--split {split!r}: not one of {sorted(loaded.data.datasets)}")
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split {split!r}: not one of ['test', 'train', 'val']")
+    loaded = load_run(run_dir, which=which, splits=(split,), device=device)
     env = DistEnv(device=loaded.device)
     tc = loaded.cfg.train
     loader, _ = make_loader(
-        loaded.data.datasets[split],
-        loaded.data.collate,
+        loaded.data,
+        split,
         env,
         batch_size=tc.eval_batch_size or tc.batch_size,
         train=False,
         seed=tc.seed,
-        num_workers=0,
     )
     preds = predict(
         loaded.model,
@@ -334,3 +330,73 @@ def evaluate_run(
         preds, loaded.data.group_names, loaded.data.train_attribute, n_boot=n_boot, seed=tc.seed
     )
     return summary, preds, loaded
+
+
+def data_config_for(base: Any, data: str | Path) -> Any:
+    """The DataConfig for `multifair predict RUN_DIR DATA`: DATA is a YAML file with a data
+    section (same kind as the run), or a dataset folder / table file that replaces the run's
+    `root` / `path` (every other data setting, e.g. image size, stays the run's)."""
+    from multifair.config import validate
+    from multifair.data import DataConfig, load_data_config
+
+    path = Path(data)
+    if path.suffix in (".yaml", ".yml"):
+        cfg = load_data_config(path)
+    else:
+        if not path.exists():
+            raise UserError(f"DATA {str(path)!r}: no such folder or file")
+        raw = base.model_dump()
+        raw["path" if base.kind == "table" else "root"] = str(path)
+        raw["cache"] = None  # the run's cache belongs to the run's data
+        cfg = validate(DataConfig, raw, source=f"DATA {path}")
+    if cfg.kind != base.kind:
+        raise UserError(f"DATA {str(path)!r}: kind {cfg.kind!r}, but the run was trained on {base.kind!r}")  # fmt: skip
+    return cfg
+
+
+def predict_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    splits: Sequence[str] | None = None,
+    which: str = "best",
+    device: str = "auto",
+):
+    """Scores of a trained run on new data of the same kind, written as one CSV (with a split
+    column). Tables default to all rows (`all`), npz trees to the three split folders."""
+    import pandas as pd
+
+    from multifair.training import run
+    from multifair.training.config import resolve_run_config
+    from multifair.training.trainer import make_loader, resolve_amp
+
+    cfg = resolve_run_config(base=run.read_config(run_dir))
+    data_cfg = data_config_for(cfg.data, data)
+    splits = list(splits or (["all"] if data_cfg.kind == "table" else ["train", "val", "test"]))
+    loaded = load_run(run_dir, which=which, data_override=data_cfg, splits=splits, device=device)
+    env = DistEnv(device=loaded.device)
+    tc = loaded.cfg.train
+    frames = []
+    for split in splits:
+        loader, _ = make_loader(
+            loaded.data,
+            split,
+            env,
+            batch_size=tc.eval_batch_size or tc.batch_size,
+            train=False,
+            seed=tc.seed,
+        )
+        preds = predict(
+            loaded.model,
+            loaded.method,
+            loader,
+            to_device=loaded.data.to_device,
+            env=env,
+            amp_dtype=resolve_amp(tc.amp, loaded.device),
+        )
+        frames.append(predictions_frame(preds, split, loaded.data.group_names))
+    frame = pd.concat(frames, ignore_index=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False, float_format="%.8g")
+    return frame

@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     # lr schedule: linear warm-up, then cosine to min_lr_ratio * lr, a plateau reduction on the
     # validation selection metric, or constant
-    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    schedule: Literal["cosine", "plateau", "constant"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
@@ -85,7 +85,7 @@ DEFAULT_METHOD = "multifair"
 def run_config_model(method: str) -> type[BaseModel]:
     """The RunConfig pydantic model for one method (its Params become the `method` section)."""
     import multifair.methods  # noqa: F401  (registers every method)
-    from multifair.data import DataConfig
+    from multifair.data.config import DataConfig
     from multifair.methods.base import METHODS
     from multifair.models import ModelConfig
 
@@ -116,22 +116,38 @@ def resolve_run_config(
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
 ) -> Any:
-    """defaults -> `base` (e.g. a run directory's config) -> YAML file -> key=value overrides."""
+    """defaults -> `base` (e.g. a run directory's config) -> YAML file -> key=value overrides.
+
+    Switching methods on the command line (`method.name=erm` on a MultiFair recipe) keeps the
+    recipe's method parameters that the new method also has and drops the others, saying so;
+    parameters given on the command line are always checked strictly."""
+    source = str(path) if path is not None else "config"
     merged: dict[str, Any] = dict(base or {})
     if path is not None:
         merged = _config.deep_merge(merged, _config.load_yaml(path))
-    if overrides:
-        merged = _config.deep_merge(merged, _config.parse_overrides(overrides))
-    method = merged.get("method", {})
-    if not isinstance(method, Mapping):
-        raise UserError(
-            f"{path or 'config'}: method: must be a mapping with a name (got {method!r})"
-        )
-    name = method.get("name", DEFAULT_METHOD)
+    given = _config.parse_overrides(overrides) if overrides else {}
+    for layer in (merged, given):
+        if not isinstance(layer.get("method", {}), Mapping):
+            raise UserError(
+                f"{source}: method: must be a mapping with a name (got {layer['method']!r})"
+            )
+    before = dict(merged.get("method", {}))
+    name = given.get("method", {}).get("name", before.get("name", DEFAULT_METHOD))
     if not isinstance(name, str):
-        raise UserError(f"{path or 'config'}: method.name: must be a string (got {name!r})")
+        raise UserError(f"{source}: method.name: must be a string (got {name!r})")
     model = run_config_model(name)
-    return _config.validate(model, merged, source=str(path) if path is not None else "config")
+    if before.get("name", DEFAULT_METHOD) != name:
+        accepted = set(model.model_fields["method"].annotation.model_fields)
+        dropped = sorted(k for k in before if k not in accepted)
+        if dropped:
+            print(
+                f"note: method.name={name}: ignoring the config's {before.get('name')} "
+                f"parameters {dropped}"
+            )
+        merged["method"] = {k: v for k, v in before.items() if k in accepted}
+    merged = _config.deep_merge(merged, given)
+    merged.setdefault("method", {})["name"] = name
+    return _config.validate(model, merged, source=source)
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -135,3 +135,26 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     """All records of a `log.jsonl`."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def truncate_log(path: str | Path, step: int, epoch: int) -> None:
+    """On `--resume`: keep only what the checkpoint covers (step records up to `step`, epoch
+    records before `epoch`), so the steps of a killed epoch are not logged twice. A line cut
+    by the kill is dropped too."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "step" and record.get("step", 0) > step:
+            continue
+        if record.get("kind") == "epoch" and record.get("epoch", 0) >= epoch:
+            continue
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

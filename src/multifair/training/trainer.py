@@ -41,7 +41,7 @@ from multifair.methods.base import LossOutput, Method, StepContext, build_method
 from multifair.training import checkpoint, distributed, run
 from multifair.training.config import TrainConfig, method_params, to_dict
 from multifair.training.distributed import DistEnv
-from multifair.training.logging import RunLogger, WindowMeter, dump_json
+from multifair.training.logging import RunLogger, WindowMeter, dump_json, truncate_log
 
 
 class NonFiniteLossError(UserError):
@@ -412,6 +412,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]
         )
 
+    if env.is_main and resume_dir is not None:
+        truncate_log(run_dir / "log.jsonl", step, start_epoch)
     logger = RunLogger(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
     meter = WindowMeter(modalities)
     gather = distributed.make_gather(env)
@@ -482,11 +484,11 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                         "kind": "step",
                         "step": step,
                         "epoch": epoch,
-                        "lr": groups[0].base_lr * schedule(step - 1),
+                        "lr": tc.lr * schedule(step - 1),
                         **meter.flush(),
                     }
-                    _check_finite(first_bad, epoch, record, ckpt_dir)
                     logger.log(record)
+                    _check_finite(first_bad, epoch, record, ckpt_dir)
                     bar.set_postfix(loss=f"{record['loss/total']:.4f}")
                 bar.update()
             bar.close()
