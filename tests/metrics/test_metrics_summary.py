@@ -26,6 +26,8 @@ GROUP_KEYS = {
     "fpr",
 }
 ATTRIBUTE_KEYS = {
+    "auc",
+    "acc",
     "groups",
     "es_auc",
     "es_acc",
@@ -82,6 +84,9 @@ def test_values_match_the_oracles(unknown, single_class):
     for attribute, g in features.items():
         want = all_metrics(y, s, g, unknown=unknown, single_class=single_class)
         got = out["attributes"][attribute]
+        known = np.ones(len(y), bool) if unknown == "keep" else g != -1
+        assert got["auc"] == pytest.approx(auc_pairs(y[known], s[known]))
+        assert got["acc"] == pytest.approx(np.mean((s[known] >= 0.5) == y[known]))
         for key in ("es_auc", "es_acc", "dpd", "deodds", "auc_std_ratio", "auc_range_ratio"):
             expected = None if math.isnan(want[key]) else pytest.approx(want[key], abs=1e-12)
             assert got[key] == expected, (attribute, key)

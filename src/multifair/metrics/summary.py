@@ -109,6 +109,10 @@ def summarize(
             table.overall_auc, table.auc, present, single_class=single_class
         )
         entry: dict[str, Any] = {
+            # reference AUC/accuracy of the samples with a known value of this attribute
+            # (what ES-AUC and ES-ACC compare each group with; equals "overall" when none dropped)
+            "auc": _num(table.overall_auc),
+            "acc": float(table.overall_acc),
             "groups": [
                 {
                     "code": int(code),
