@@ -567,6 +567,13 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                     )
                 return TrainResult(run_dir, None, epoch + 1, history)
 
+        # ---- replicas in sync? (every rank's final weights and method state) ----
+        digests = distributed.all_gather_objects(
+            [distributed.state_digest(model), distributed.state_digest(method)], env
+        )
+        if any(d != digests[0] for d in digests):
+            raise RuntimeError(f"ranks finished with different weights: {digests}")
+
         # ---- the selected checkpoint, evaluated once on test ----
         if best["epoch"] < 0:
             raise UserError(
@@ -608,6 +615,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             "uses_attribute_at_test": bool(method_cls.uses_attribute_at_test),
             "tau": getattr(cfg.method, "tau", None),
             "world_size": env.world_size,
+            # sha256 of each rank's final model state (identical on every rank)
+            "replica_digests": [d[0] for d in digests],
         }
         if env.is_main:
             dump_json(metrics, run_dir / "metrics.json")
