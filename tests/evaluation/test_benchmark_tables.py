@@ -63,7 +63,7 @@ def test_plan_is_deterministic_and_overrides_round_trip(tmp_path):
     lines = bm.plan_lines(cfg, runs)
     argv = shlex.split(lines[3])
     assert argv[1:4] == ["-m", "multifair", "train"]
-    assert argv[4] == str((tmp_path / "train.yaml").resolve())
+    assert argv[4] == str(out_dir / "configs" / "mf.yaml")
     parsed = parse_overrides(argv[5:])
     assert parsed == {
         "train": {"epochs": 1, "seed": 1},

@@ -39,7 +39,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from multifair.config import load_yaml, validate
+from multifair.config import deep_merge, load_yaml, validate
 from multifair.errors import UserError
 
 # Keys of the training config the benchmark sets for every run (docs/architecture.md).
@@ -179,7 +179,8 @@ def load_benchmark(path: str | Path) -> tuple[BenchmarkConfig, Path]:
         base = (path.parent / base).resolve()
     if not base.is_file():
         raise UserError(f"{path}: base: training config not found: {base}")
-    cfg = cfg.model_copy(update={"base": str(base)})
+    # absolute, so the planned commands work from any working directory (cluster jobs)
+    cfg = cfg.model_copy(update={"base": str(base), "output": str(Path(cfg.output).resolve())})
     for i, dataset in enumerate(cfg.datasets):
         if dataset.synth is not None and not Path(dataset.synth.out).is_absolute():
             synth = dataset.synth.model_copy(
@@ -227,6 +228,7 @@ class RunSpec:
     sweep_key: str | None
     sweep_value: Any
     run_dir: Path
+    config: Path  # the method entry's training config (base with its method block)
     overrides: dict[str, Any]  # dotted key -> value, in the order they are applied
 
     @property
@@ -240,9 +242,9 @@ class RunSpec:
     def run_id(self) -> str:
         return "/".join(self.run_dir.parts[-4:])
 
-    def command(self, base: str) -> list[str]:
+    def command(self) -> list[str]:
         args = [f"{k}={format_value(v)}" for k, v in self.overrides.items()]
-        return [sys.executable, "-m", "multifair", "train", base, *args]
+        return [sys.executable, "-m", "multifair", "train", str(self.config), *args]
 
 
 def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
@@ -285,15 +287,43 @@ def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
                                 sweep_key=cfg.sweep.key if swept and cfg.sweep else None,
                                 sweep_value=value,
                                 run_dir=run_dir,
+                                config=entry_config_path(out_dir, entry),
                                 overrides=overrides,
                             )
                         )
     return runs
 
 
+def entry_config_path(out_dir: Path, entry: MethodEntry) -> Path:
+    return out_dir / "configs" / f"{_safe(entry.label)}.yaml"
+
+
+def entry_config(cfg: BenchmarkConfig, entry: MethodEntry) -> dict[str, Any]:
+    """The base training config with this entry's method block.
+
+    The base's method parameters are kept only when it names the same method (a method's
+    parameters are invalid for another: `erm` has no `tau`); otherwise the block is replaced.
+    """
+    data = load_yaml(cfg.base)
+    base_method = data.get("method") if isinstance(data.get("method"), Mapping) else {}
+    if base_method.get("name") == entry.method["name"]:
+        data["method"] = deep_merge(base_method, entry.method)
+    else:
+        data["method"] = dict(entry.method)
+    return data
+
+
+def write_entry_configs(cfg: BenchmarkConfig, out_dir: Path) -> None:
+    for entry in cfg.methods:
+        path = entry_config_path(out_dir, entry)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"# {cfg.name}: training config of the entry {entry.label!r} (base: {cfg.base})\n"
+        path.write_text(header + yaml.safe_dump(entry_config(cfg, entry), sort_keys=False))
+
+
 def plan_lines(cfg: BenchmarkConfig, runs: Sequence[RunSpec]) -> list[str]:
     """One shell command line per run (what `--plan` prints)."""
-    return [shlex.join(run.command(cfg.base)) for run in runs]
+    return [shlex.join(run.command()) for run in runs]
 
 
 def synth_commands(cfg: BenchmarkConfig) -> list[list[str]]:
@@ -367,7 +397,7 @@ class RunOutcome:
     stderr_tail: str = ""
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     """SIGTERM while the benchmark runs (handled like Ctrl-C: stop the children, exit)."""
 
 
@@ -378,7 +408,7 @@ def _sigterm_as_exception() -> Iterator[None]:
         previous = signal.getsignal(signal.SIGTERM)
 
         def handler(signum: int, frame: Any) -> None:
-            raise _Terminated()
+            raise Terminated()
 
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
@@ -422,8 +452,10 @@ def prepare_data(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> N
 
 
 def write_manifest(cfg: BenchmarkConfig, out_dir: Path) -> None:
-    """The resolved config next to the runs: what `collect` and `report` read back."""
+    """The resolved config next to the runs (what `collect` and `report` read back) and the
+    per-entry training configs the run commands name."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_entry_configs(cfg, out_dir)
     text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     (out_dir / "benchmark.yaml").write_text(text, encoding="utf-8")
 
@@ -472,9 +504,7 @@ def execute(
                     status_path.unlink(missing_ok=True)
                     stdout = out_path.open("wb")
                     stderr = err_path.open("wb")
-                    proc = subprocess.Popen(
-                        run.command(cfg.base), stdout=stdout, stderr=stderr, env=env
-                    )
+                    proc = subprocess.Popen(run.command(), stdout=stdout, stderr=stderr, env=env)
                     started += 1
                     echo(f"[{started}/{total}] start {run.run_id}")
                     active[proc] = (run, time.monotonic(), stdout, stderr)
@@ -674,6 +704,7 @@ class Row:
     select_by: str
     uses_attribute_at_test: bool
     reference_only: bool  # single-modality rows: reference lines, not competitors
+    memory_kind: str = ""  # what peak memory measures (trainer's peak_memory_kind)
     paired: dict[str, Paired] = field(default_factory=dict)
 
 
@@ -846,6 +877,7 @@ def _row(variant: str, records: Sequence[RunRecord], attribute: str, n_boot: int
         select_by=str(first.metrics.get("select_by") or "auc"),
         uses_attribute_at_test=any(r.metrics.get("uses_attribute_at_test") for r in records),
         reference_only=first.run.method.startswith("unimodal"),
+        memory_kind=str(first.metrics.get("peak_memory_kind") or ""),
     )
 
 
@@ -914,6 +946,9 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
             ]
         )
     notes = ["mean ± std over seeds (n = number of seeds); sel. = checkpoint selection criterion"]
+    kinds = sorted({r.memory_kind for r in table.rows if r.memory_kind})
+    if kinds:
+        notes.append(f"s/step: training seconds per optimisation step; peak MB: {', '.join(kinds)}")
     if any(r.uses_attribute_at_test for r in table.rows):
         notes.append(
             f"{ATTRIBUTE_MARK} uses the sensitive attribute at test time (not available to a "

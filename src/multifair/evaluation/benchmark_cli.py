@@ -84,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     echo = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     bm.prepare_data(cfg, echo)
-    outcomes = bm.execute(cfg, runs, out_dir, workers=args.workers, echo=echo)
+    try:
+        outcomes = bm.execute(cfg, runs, out_dir, workers=args.workers, echo=echo)
+    except (bm.Terminated, KeyboardInterrupt):
+        done = sum(bm.is_finished(r) for r in runs)
+        echo(f"interrupted: {done} of {len(runs)} runs finished; run the same command to continue")
+        return 143
     status = _summarise(bm.collect(out_dir, cfg), args)
     failed = [o for o in outcomes if o.status == "failed"]
     return 1 if failed else status
