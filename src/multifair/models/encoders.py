@@ -49,6 +49,7 @@ class InputSpec:
     kind: str
     shape: tuple[int, ...] = ()
     channels: int | None = None
+    key: str | None = None  # config location for messages; default model.encoders.<modality>
 
     @classmethod
     def of(cls, modality: str, spec: Any) -> InputSpec:
@@ -60,6 +61,11 @@ class InputSpec:
         shape = tuple(int(s) for s in (getattr(spec, "shape", None) or ()))
         channels = getattr(spec, "channels", None)
         return cls(modality, str(kind), shape, None if channels is None else int(channels))
+
+    @property
+    def source(self) -> str:
+        """Where this encoder is configured, for error and log messages."""
+        return self.key or f"model.encoders.{self.modality}"
 
     @property
     def in_channels(self) -> int:
@@ -88,7 +94,7 @@ class InputSpec:
     def slice_spec(self) -> InputSpec:
         """The spec of one slice of a volume: a 1-channel image."""
         h_w = self.shape[1:] if len(self.shape) == 3 else ()
-        return InputSpec(self.modality, "image", (1, *h_w), 1)
+        return InputSpec(self.modality, "image", (1, *h_w), 1, f"{self.source}.slice_options")
 
 
 class EncoderOptions(BaseModel):
@@ -129,12 +135,14 @@ ENCODERS: Registry[type[Encoder]] = Registry("encoder")
 
 
 def build_encoder(
-    name: str, options: Mapping[str, Any] | None, spec: InputSpec, source: str = "encoder"
+    name: str, options: Mapping[str, Any] | None, spec: InputSpec, source: str | None = None
 ) -> Encoder:
     """Look up an encoder, validate its options and build it for one modality.
 
-    `source` names the config location in error messages (e.g. `model.encoders.fundus`).
+    `source` names the config location in error messages (default `spec.source`, e.g.
+    `model.encoders.fundus`).
     """
+    source = source or spec.source
     try:
         cls = ENCODERS.get(name)
     except UserError as exc:
@@ -270,7 +278,7 @@ class OCT25DEncoder(Encoder):
 
     def __init__(self, options: Options, spec: InputSpec) -> None:
         super().__init__(options, spec)
-        source = f"model.encoders.{spec.modality}"
+        source = spec.source
         if options.slice_encoder == "oct25d":
             raise UserError(f"{source}.slice_encoder: must be a 2-D image encoder, not 'oct25d'")
         k = spec.shape[0] if spec.shape else None
@@ -285,7 +293,6 @@ class OCT25DEncoder(Encoder):
             options.slice_encoder,
             options.slice_options,
             spec.slice_spec(),
-            f"{source}.slice_options",
         )
         width = options.dim or self.slice_encoder.out_dim
         if width % options.heads:
@@ -339,7 +346,7 @@ class TimmEncoder(Encoder):
 
     def __init__(self, options: Options, spec: InputSpec) -> None:
         super().__init__(options, spec)
-        source = f"model.encoders.{spec.modality}"
+        source = spec.source
         try:
             import timm
         except Exception as exc:  # ImportError, or a torchvision that does not match torch
@@ -355,9 +362,9 @@ class TimmEncoder(Encoder):
             kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": options.weights})
         else:
             log.warning(
-                "model.encoders.%s: timm %r starts from random weights (no local `weights` file "
-                "given; nothing is downloaded)",
-                spec.modality,
+                "%s: timm %r starts from random weights (no local `weights` file given; nothing "
+                "is downloaded)",
+                source,
                 options.model,
             )
         try:

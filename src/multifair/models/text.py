@@ -85,7 +85,7 @@ class TextEncoder(Encoder):
 
     def __init__(self, options: Options, spec: InputSpec) -> None:
         super().__init__(options, spec)
-        source = f"model.encoders.{spec.modality}"
+        source = spec.source
         path = options.path if options.path is not None else str(minilm_path())
         model, tokenizer, pooling = self._load(path, options, source)
         if getattr(model, "pooler", None) is not None:

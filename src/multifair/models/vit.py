@@ -129,7 +129,7 @@ class ViTEncoder(Encoder):
     def __init__(self, options: Options, spec: InputSpec) -> None:
         super().__init__(options, spec)
         o = options
-        source = f"model.encoders.{spec.modality}"
+        source = spec.source
         if o.dim % o.heads:
             raise UserError(f"{source}: vit dim {o.dim} is not divisible by heads {o.heads}")
         if o.image_size % o.patch_size:
@@ -141,15 +141,20 @@ class ViTEncoder(Encoder):
         self.patch_size = o.patch_size
         self.pool = o.pool
         grid = o.image_size // o.patch_size
-        self.patch_embed = PatchEmbed(self.in_channels, o.dim, o.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, o.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, o.dim))
+        # Built on the meta device and initialised once by reset_parameters: the layers'
+        # default init would double ViT-B's start-up time for values that are overwritten.
+        with torch.device("meta"):
+            self.patch_embed = PatchEmbed(self.in_channels, o.dim, o.patch_size)
+            self.cls_token = nn.Parameter(torch.empty(1, 1, o.dim))
+            self.pos_embed = nn.Parameter(torch.empty(1, 1 + grid * grid, o.dim))
+            self.blocks = nn.ModuleList(
+                Block(o.dim, o.heads, o.mlp_ratio, o.layer_norm_eps, o.dropout)
+                for _ in range(o.depth)
+            )
+            self.norm = nn.LayerNorm(o.dim, eps=o.layer_norm_eps)
+            self.pooler = nn.Linear(o.dim, o.dim) if o.pool == "pooler" else None
+        self.to_empty(device=torch.get_default_device())
         self.pos_drop = nn.Dropout(o.dropout)
-        self.blocks = nn.ModuleList(
-            Block(o.dim, o.heads, o.mlp_ratio, o.layer_norm_eps, o.dropout) for _ in range(o.depth)
-        )
-        self.norm = nn.LayerNorm(o.dim, eps=o.layer_norm_eps)
-        self.pooler = nn.Linear(o.dim, o.dim) if o.pool == "pooler" else None
         self.out_dim = o.dim
         self.reset_parameters()
         if o.weights is None:
@@ -163,19 +168,21 @@ class ViTEncoder(Encoder):
             load_vit_weights(self, o.weights, source=f"{source}.weights")
 
     def reset_parameters(self) -> None:
-        """timm-style init: truncated normal (std 0.02) for weights and embeddings."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.patch_embed.proj.weight
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)  # as a linear layer
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        """timm/HF-style init: normal(0, 0.02) weights and embeddings, zero biases, unit norms.
+
+        (timm's trunc_normal_(std=0.02) truncates at +-2 absolute, i.e. 100 std: the same
+        distribution, at twice the cost.)
+        """
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear | nn.Conv2d):
+                    module.weight.normal_(0.0, 0.02)
+                    module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+            self.pos_embed.normal_(0.0, 0.02)
+            self.cls_token.normal_(0.0, 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.check_tensor(x, 4, "(B, C, H, W)")
@@ -211,12 +218,19 @@ _HF_RULES: list[tuple[str, str]] = [
     (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
     (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
     (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
+    # transformers >= 5 names the same tensors differently in memory (files keep the above)
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
     (r"^layernorm\.", "norm."),
     (r"^pooler\.dense\.", "pooler."),
 ]
 _HF_QKV = re.compile(
-    r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$"
+    r"^(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?"
+    r"(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)$"
 )
+_QKV_PART = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 
 
 def _read_state_dict(path: Path, source: str) -> dict[str, Tensor]:
@@ -254,7 +268,8 @@ def convert_hf_vit(state: dict[str, Tensor]) -> dict[str, Tensor]:
             continue
         m = _HF_QKV.match(key)
         if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            part = _QKV_PART.get(m.group(2), m.group(2))
+            qkv.setdefault((m.group(1), m.group(3)), {})[part] = value
             continue
         for pattern, repl in _HF_RULES:
             if re.match(pattern, key):
@@ -275,7 +290,10 @@ def load_vit_weights(model: ViTEncoder, path: str | Path, source: str = "weights
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in state):
         state = convert_hf_vit(state)
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    dropped = (
+        ("head.", "fc_norm.") if model.pooler is not None else ("head.", "fc_norm.", "pooler.")
+    )
+    state = {k: v for k, v in state.items() if not k.startswith(dropped)}
     own = model.state_dict()
     if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
         g = math.isqrt(own["pos_embed"].shape[1] - 1)
