@@ -472,3 +472,78 @@ def test_fake_tensor_harness_catches_syncs() -> None:
         for forbidden in (lambda: x.sum().item(), lambda: x[x > 0], lambda: bool(x.sum() > 0)):
             with pytest.raises(sync):
                 forbidden()
+
+
+# ---- through the real trainer ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("multifair", {"tau": 0.0}),
+        ("multifair", {"factor_on": "step_size"}),
+        ("multifair_released", {}),
+    ],
+)
+def test_trains_end_to_end_and_logs_its_signals(tmp_path, name: str, params: dict) -> None:
+    """A short `train` run on a two-modality table: finite metrics, the signals in log.jsonl,
+    the method state in the checkpoint, and (step_size) the factors on the encoder lrs."""
+    import json
+
+    import pandas as pd
+
+    from multifair.training.checkpoint import load
+    from multifair.training.config import resolve_run_config
+    from multifair.training.trainer import train
+
+    gen = torch.Generator().manual_seed(0)
+    n = 240
+    y = (torch.rand(n, generator=gen) < 0.5).long()
+    strong = torch.randn(n, 3, generator=gen) + 1.0 * y[:, None]
+    weak = torch.randn(n, 3, generator=gen) + 0.3 * y[:, None]
+    race = torch.randint(0, 3, (n,), generator=gen)
+    table = {f"s{i}": strong[:, i].tolist() for i in range(3)}
+    table |= {f"w{i}": weak[:, i].tolist() for i in range(3)}
+    table |= {"race": [["a", "b", "c"][int(r)] for r in race], "label": y.tolist()}
+    pd.DataFrame(table).to_csv(tmp_path / "toy.csv", index=False)
+    cfg = resolve_run_config(
+        base={
+            "data": {
+                "kind": "table",
+                "path": str(tmp_path / "toy.csv"),
+                "label": "label",
+                "attribute_columns": {"race": "race"},
+                "columns": {
+                    "strong": {"columns": ["s0", "s1", "s2"]},
+                    "weak": {"columns": ["w0", "w1", "w2"]},
+                },
+                "num_workers": 0,
+            },
+            "model": {"preset": "small", "dim": 16, "layers": 1},
+            "method": {"name": name, **params},
+            "train": {
+                "epochs": 2,
+                "batch_size": 32,
+                "device": "cpu",
+                "amp": "off",
+                "progress": False,
+                "tensorboard": False,
+                "log_every": 1,
+                "seed": 0,
+            },
+            "output": {"dir": str(tmp_path / "runs"), "predictions": []},
+        }
+    )
+    result = train(cfg)
+    assert math.isfinite(result.metrics["test"]["overall"]["auc"])
+    steps = [
+        row
+        for row in map(json.loads, (result.run_dir / "log.jsonl").open())
+        if row["kind"] == "step"
+    ]
+    assert steps
+    for key in ("B/strong", "f/weak", "factor/strong", "gap", "fair_mode", "loss/gm"):
+        assert all(math.isfinite(row[key]) for row in steps), key
+    if params.get("factor_on") == "step_size":
+        assert all(row["lr_factor/weak"] == pytest.approx(row["factor/weak"]) for row in steps)
+    state = load(result.run_dir / "checkpoints" / "last.pt")["method"]
+    assert set(state) == {"prev_auc", "group_ema"}
+    assert not torch.equal(state["group_ema"], torch.full_like(state["group_ema"], 0.5))
