@@ -106,7 +106,7 @@ def balance_factors(levels: Tensor, temperature: float, floor: float) -> Tensor:
     pinned = torch.zeros_like(factors, dtype=torch.bool)
     for _ in range(m):
         pinned = pinned | (factors < floor)
-        free_mass = m - floor * pinned.sum()
+        free_mass = m - floor * pinned.to(weights.dtype).sum()
         free_weight = torch.where(pinned, 0.0, weights).sum().clamp_min(1e-30)
         # exactly m * weights when nothing is pinned (bit-for-bit ERM at equal levels)
         scale = torch.where(pinned.any(), free_mass / (m * free_weight), 1.0)
