@@ -62,13 +62,22 @@ def test_plan_prints_one_command_per_run_and_starts_nothing(tmp_path, capsys):
     ):
         argv = shlex.split(line)
         assert argv[:4] == [sys.executable, "-m", "multifair", "train"]
-        assert Path(argv[4]) == out_dir / "configs" / f"{label}.yaml" and Path(argv[4]).is_file()
+        assert (
+            Path(argv[4]) == out_dir / "configs" / "data" / f"{label}.yaml"
+            and Path(argv[4]).is_file()
+        )
         overrides = parse_overrides(argv[5:])
-        assert overrides["train"]["seed"] == seed and overrides["method"]["name"] == label
+        assert overrides["train"]["seed"] == seed and overrides["data"]["attribute"] == "sex"
+        assert yaml.safe_load(Path(argv[4]).read_text())["method"]["name"] == label
         assert overrides["output"]["dir"] == str(out_dir / "runs/data/sex" / label / f"seed{seed}")
     # the erm entry's config drops the base's multifair parameters; multifair keeps them
-    assert yaml.safe_load((out_dir / "configs/erm.yaml").read_text())["method"] == {"name": "erm"}
-    assert yaml.safe_load((out_dir / "configs/multifair.yaml").read_text())["method"]["tau"] == 0.04
+    assert yaml.safe_load((out_dir / "configs/data/erm.yaml").read_text())["method"] == {
+        "name": "erm"
+    }
+    assert (
+        yaml.safe_load((out_dir / "configs/data/multifair.yaml").read_text())["method"]["tau"]
+        == 0.04
+    )
     assert (out_dir / "benchmark.yaml").is_file() and not (out_dir / "runs").exists()
 
 

@@ -63,16 +63,108 @@ def test_plan_is_deterministic_and_overrides_round_trip(tmp_path):
     lines = bm.plan_lines(cfg, runs)
     argv = shlex.split(lines[3])
     assert argv[1:4] == ["-m", "multifair", "train"]
-    assert argv[4] == str(out_dir / "configs" / "mf.yaml")
-    parsed = parse_overrides(argv[5:])
-    assert parsed == {
-        "train": {"epochs": 1, "seed": 1},
-        "data": {"unknown": "drop", "attribute": "race"},
-        "method": {"name": "multifair", "rho": 1.2, "tau": 0.02},
+    assert argv[4] == str(out_dir / "configs" / "data" / "mf.yaml")
+    # the command line carries what varies per run ...
+    assert parse_overrides(argv[5:]) == {
+        "method": {"tau": 0.02},
+        "data": {"attribute": "race"},
+        "train": {"seed": 1},
         "output": {"dir": str(out_dir / "runs/data/race/mf__tau=0.02/seed1")},
     }
-    es = parse_overrides(shlex.split(lines[-1])[5:])
-    assert es["train"]["select_by"] == "es_auc" and es["method"] == {"name": "erm"}
+    # ... and the entry's config file the rest: base -> overrides -> method block
+    bm.write_manifest(cfg, out_dir)
+    mf = yaml.safe_load(Path(argv[4]).read_text())
+    assert mf == {
+        "data": {"kind": "table", "path": "sklearn:diabetes", "unknown": "drop"},
+        "method": {"name": "multifair", "rho": 1.2},
+        "train": {"epochs": 1},
+    }
+    es = yaml.safe_load((out_dir / "configs/data/erm-es.yaml").read_text())
+    assert es["train"] == {"epochs": 1, "select_by": "es_auc"} and es["method"] == {"name": "erm"}
+
+
+def test_several_sweeps_run_one_key_at_a_time(tmp_path):
+    sweeps = [
+        {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},
+        {"key": "train.batch_size", "values": [16, 64]},
+    ]
+    cfg, out_dir = bm.load_benchmark(write_config(tmp_path, sweep=sweeps, seeds=[0]))
+    cells = [(r.label, r.sweep_key, r.sweep_value) for r in bm.plan(cfg, out_dir)]
+    assert cells == [
+        ("erm", "train.batch_size", 16),
+        ("erm", "train.batch_size", 64),
+        ("mf", "method.tau", 0.02),
+        ("mf", "method.tau", 0.08),
+        ("mf", "train.batch_size", 16),
+        ("mf", "train.batch_size", 64),
+        ("erm-es", "train.batch_size", 16),
+        ("erm-es", "train.batch_size", 64),
+    ]
+    with pytest.raises(UserError, match="each key at most once"):
+        bm.load_benchmark(write_config(tmp_path, sweep=[sweeps[0], sweeps[0]]))
+
+
+def test_synthetic_dataset_is_generated_once_and_feeds_the_data_section(tmp_path):
+    path = write_config(
+        tmp_path,
+        base=None,
+        sweep=None,
+        datasets=[
+            {
+                "label": "synth",
+                "synth": {
+                    "flavour": "table",
+                    "scenario": "main",
+                    "out": "gen",
+                    "knobs": {"n": 300},
+                },
+            }
+        ],
+    )
+    cfg, out_dir = bm.load_benchmark(path)
+    bm.prepare_data(cfg, echo=lambda _: None)
+    meta = tmp_path / "gen" / "synth_meta.json"
+    assert meta.is_file()
+    stamp = meta.stat().st_mtime_ns
+    bm.prepare_data(cfg, echo=lambda _: None)  # present: not generated again
+    assert meta.stat().st_mtime_ns == stamp
+    bm.write_manifest(cfg, out_dir)
+    erm = yaml.safe_load((out_dir / "configs/synth/erm.yaml").read_text())
+    generated = yaml.safe_load((tmp_path / "gen" / "table.yaml").read_text())["data"]
+    assert erm["data"] == {**generated, "unknown": "drop"}  # + the benchmark's override
+    assert erm["train"] == {"epochs": 1} and erm["method"] == {"name": "erm"}
+    best = bm.read_synth_meta(meta, "race")
+    assert set(best) == {
+        "best achievable (all modalities)",
+        "best achievable (A alone)",
+        "best achievable (B alone)",
+    }
+    assert 0.5 < best["best achievable (all modalities)"]["auc/White"] <= 1
+    assert bm.read_synth_meta(meta, "sex") is None  # the latents are drawn per race group
+
+
+def test_entry_config_keeps_method_params_only_for_the_same_method(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        yaml.safe_dump({"data": {"kind": "table"}, "method": {"name": "multifair", "tau": 0.04}})
+    )
+    cfg = bm.BenchmarkConfig(
+        name="x",
+        base=str(tmp_path / "base.yaml"),
+        output=str(tmp_path / "out"),
+        attributes=["race"],
+        seeds=[0],
+        methods=[
+            {"label": "erm", "method": {"name": "erm"}},
+            {"label": "mf", "method": {"name": "multifair", "delta": 0.5}},
+        ],
+    )
+    erm, mf = cfg.methods
+    assert bm.entry_config(cfg, cfg.datasets[0], erm)["method"] == {"name": "erm"}
+    assert bm.entry_config(cfg, cfg.datasets[0], mf)["method"] == {
+        "name": "multifair",
+        "tau": 0.04,
+        "delta": 0.5,
+    }
 
 
 @pytest.mark.parametrize(
@@ -124,9 +216,14 @@ def populate(
 ) -> tuple[bm.BenchmarkConfig, Path]:
     """A finished benchmark: erm, a FIN-like row, a unimodal reference row, 3 seeds."""
     meta = tmp_path / "synth_meta.json"
-    meta.write_text(
-        json.dumps({"best_auc": {"race": {"white": 0.93, "black": 0.88, "asian": 0.86}}})
-    )
+    # the shape data/synthetic.py writes
+    best = {
+        "white": {"A": 0.96, "B": 0.80, "joint": 0.97, "n": 1},
+        "black": {"A": 0.63, "B": 0.80, "joint": 0.82, "n": 1},
+        "asian": {"A": 0.62, "B": 0.76, "joint": 0.81, "n": 1},
+        "overall_joint": 0.95,
+    }
+    meta.write_text(json.dumps({"modalities": ["A", "B"], "best_auc": {"test": best}}))
     path = write_config(
         tmp_path,
         seeds=[0, 1, 2],
@@ -192,7 +289,16 @@ def test_tables_match_the_runs_metrics(tmp_path, make_run_dir):
     lo, hi = rows["erm"].ci["auc"]
     assert 0.5 < lo < hi < 1.0
     assert set(rows["erm"].ci) >= {"es_auc", "dpd", "deodds", "auc/white", "auc/asian"}
-    assert table.best_achievable == {"white": 0.93, "black": 0.88, "asian": 0.86}
+    assert table.best_achievable == {
+        "best achievable (all modalities)": {
+            "auc/white": 0.97,
+            "auc/black": 0.82,
+            "auc/asian": 0.81,
+            "auc": 0.95,
+        },
+        "best achievable (A alone)": {"auc/white": 0.96, "auc/black": 0.63, "auc/asian": 0.62},
+        "best achievable (B alone)": {"auc/white": 0.80, "auc/black": 0.80, "auc/asian": 0.76},
+    }
     assert rows["fin"].uses_attribute_at_test and not rows["erm"].uses_attribute_at_test
 
 
@@ -204,7 +310,9 @@ def test_markdown_csv_json_outputs(tmp_path, make_run_dir):
     md = paths["markdown"].read_text()
     assert "## synth / race" in md
     assert f"fin {bm.ATTRIBUTE_MARK}" in md and "uses the sensitive attribute at test time" in md
-    assert "oct only (reference)" in md and "best achievable (generator) |" in md
+    assert "oct only (reference)" in md
+    assert "| best achievable (all modalities) | 0.950 |  |  | 0.970 | 0.820 | 0.810 |" in md
+    assert "| best achievable (B alone) |  |  |  | 0.800 | 0.800 | 0.760 |" in md
     assert "### paired difference to erm (by seed)" in md
     assert "3 comparisons, intervals not adjusted for multiplicity" in md
     assert "| AUC white | AUC black | AUC asian |" in md.replace(" ± ", "")

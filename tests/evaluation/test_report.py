@@ -65,7 +65,10 @@ def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, mak
                     {"label": "erm", "method": {"name": "erm"}},
                     {"label": "mf", "method": {"name": "multifair"}},
                 ],
-                "sweep": {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},
+                "sweep": [
+                    {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},
+                    {"key": "method.delta", "values": [0.3, 0.6], "methods": ["mf"]},
+                ],
             }
         )
     )
@@ -88,6 +91,6 @@ def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, mak
         "mf [tau=0.02]",
     ):
         assert section in html, section
-    # scatter + paired + sweep + 3 ROC (erm, mf@0.02, mf@0.08) + 3 x 4 training figures
-    assert len(assert_self_contained(html)) == 3 + 3 + 12
-    assert "6 of 6 runs finished" in html
+    # scatter + paired + 2 sweeps + 5 ROC (erm, mf x 2 tau, mf x 2 delta) + 5 x 4 training
+    assert len(assert_self_contained(html)) == 4 + 5 + 20
+    assert "10 of 10 runs finished" in html and "mf [delta=0.6]" in html

@@ -82,23 +82,35 @@ class _Strict(BaseModel):
 
 
 class SynthData(_Strict):
-    """Generate a synthetic dataset with `multifair data synth` before the runs (if missing)."""
+    """Generate a synthetic dataset (`multifair.data.synthetic`) before the runs, if missing."""
 
     flavour: Literal["fairvision", "fairvlmed", "table"]
-    scenario: str = "main"
+    scenario: Literal["main", "neutral", "minority_pattern"] = "main"
     out: str  # where the generator writes; relative to the benchmark config's folder
-    args: list[str] = Field(default_factory=list)  # extra generator arguments, verbatim
+    knobs: dict[str, Any] = Field(default_factory=dict)  # other SynthKnobs (seed, n, size, ...)
 
 
 class DatasetEntry(_Strict):
-    """One dataset of the matrix: overrides that point the base config at it."""
+    """One dataset of the matrix.
+
+    Its `data` section comes from, in order: `data_config` (a YAML file with a `data:`
+    section, which replaces the base config's), else the generated data when `synth` is given
+    (the table flavour's `table.yaml`; `kind` + `root` for the image flavours), else the base
+    config. `overrides` then apply on top, like every other override.
+    """
 
     label: str
     overrides: dict[str, Any] = Field(default_factory=dict)
+    data_config: str | None = None  # relative to the benchmark config's folder
     synth: SynthData | None = None
-    # synth_meta.json with the generator's best achievable per-group AUC (reference line);
+    # synth_meta.json with the generator's best achievable per-group AUC (reference lines);
     # defaults to `<synth.out>/synth_meta.json` when `synth` is given.
     synth_meta: str | None = None
+
+    def meta_path(self) -> Path | None:
+        if self.synth_meta is not None:
+            return Path(self.synth_meta)
+        return Path(self.synth.out) / "synth_meta.json" if self.synth is not None else None
 
 
 class MethodEntry(_Strict):
@@ -132,14 +144,18 @@ class BenchmarkConfig(_Strict):
     """A whole benchmark: the base training config, the matrix, and how to run it."""
 
     name: str
-    base: str  # training config; relative paths resolve against this file's folder
+    # training config; relative paths resolve against this file's folder. Optional: without it
+    # the recipe is `overrides` + each dataset's data section.
+    base: str | None = None
     output: str  # the benchmark directory; relative paths resolve against the working dir
     overrides: dict[str, Any] = Field(default_factory=dict)
     datasets: list[DatasetEntry] = Field(default_factory=lambda: [DatasetEntry(label="data")])
     attributes: list[str] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
-    sweep: Sweep | None = None
+    # one sweep or a list; an entry under several sweeps runs each key's values in turn
+    # (one key at a time, the others at their configured value; not a grid)
+    sweep: list[Sweep] = Field(default_factory=list)
     reference: str = "erm"  # label of the row every other row is compared to (paired by seed)
     workers: int = Field(default=1, ge=1)
     threads_per_run: int | None = Field(default=None, ge=1)  # default: cores // workers
@@ -159,11 +175,21 @@ class BenchmarkConfig(_Strict):
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("seeds: must be unique")
         labels = {m.label for m in self.methods}
-        if self.sweep is not None and self.sweep.methods is not None:
-            unknown = sorted(set(self.sweep.methods) - labels)
+        for sweep in self.sweep:
+            unknown = sorted(set(sweep.methods or ()) - labels)
             if unknown:
                 raise ValueError(f"sweep.methods: {unknown} are not method labels {sorted(labels)}")
+        keys = [s.key for s in self.sweep]
+        if len(set(keys)) != len(keys):
+            raise ValueError("sweep: each key at most once")
         return self
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, Mapping) else value
 
 
 def _safe(text: str) -> str:
@@ -174,24 +200,29 @@ def load_benchmark(path: str | Path) -> tuple[BenchmarkConfig, Path]:
     """Read and validate a benchmark config. Returns it with `base` made absolute."""
     path = Path(path)
     cfg = validate(BenchmarkConfig, load_yaml(path), source=str(path))
-    base = Path(cfg.base)
-    if not base.is_absolute():
-        base = (path.parent / base).resolve()
-    if not base.is_file():
-        raise UserError(f"{path}: base: training config not found: {base}")
+    base = None
+    if cfg.base is not None:
+        base = Path(cfg.base)
+        if not base.is_absolute():
+            base = (path.parent / base).resolve()
+        if not base.is_file():
+            raise UserError(f"{path}: base: training config not found: {base}")
     # absolute, so the planned commands work from any working directory (cluster jobs)
-    cfg = cfg.model_copy(update={"base": str(base), "output": str(Path(cfg.output).resolve())})
+    cfg = cfg.model_copy(
+        update={"base": str(base) if base else None, "output": str(Path(cfg.output).resolve())}
+    )
     for i, dataset in enumerate(cfg.datasets):
         if dataset.synth is not None and not Path(dataset.synth.out).is_absolute():
             synth = dataset.synth.model_copy(
                 update={"out": str((path.parent / dataset.synth.out).resolve())}
             )
             cfg.datasets[i] = dataset.model_copy(update={"synth": synth})
-        meta = cfg.datasets[i].synth_meta
-        if meta is not None and not Path(meta).is_absolute():
-            cfg.datasets[i] = cfg.datasets[i].model_copy(
-                update={"synth_meta": str((path.parent / meta).resolve())}
-            )
+        for key in ("synth_meta", "data_config"):
+            value = getattr(cfg.datasets[i], key)
+            if value is not None and not Path(value).is_absolute():
+                cfg.datasets[i] = cfg.datasets[i].model_copy(
+                    update={key: str((path.parent / value).resolve())}
+                )
     return cfg, Path(cfg.output)
 
 
@@ -248,32 +279,32 @@ class RunSpec:
 
 
 def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
-    """Every run of the matrix, in a stable order (dataset, attribute, method, sweep, seed)."""
-    common = _flatten(cfg.overrides)
+    """Every run of the matrix, in a stable order (dataset, attribute, method, sweep, seed).
+
+    What is common to a (dataset, entry) pair lives in its training config file; the command
+    line carries only what varies per run: the sweep value, attribute, seed and run directory.
+    """
     runs: list[RunSpec] = []
     for dataset in cfg.datasets:
         for attribute in cfg.attributes:
             for entry in cfg.methods:
-                swept = cfg.sweep is not None and (
-                    cfg.sweep.methods is None or entry.label in cfg.sweep.methods
-                )
-                values: list[Any] = list(cfg.sweep.values) if swept and cfg.sweep else [None]
-                for value in values:
+                cells: list[tuple[str | None, Any]] = [
+                    (sweep.key, value)
+                    for sweep in cfg.sweep
+                    if sweep.methods is None or entry.label in sweep.methods
+                    for value in sweep.values
+                ] or [(None, None)]
+                for key, value in cells:
                     folder = _safe(entry.label)
-                    if swept and cfg.sweep:
-                        folder += f"__{_safe(cfg.sweep.key.split('.')[-1])}={_safe(value)}"
+                    if key is not None:
+                        folder += f"__{_safe(key.split('.')[-1])}={_safe(value)}"
                     for seed in cfg.seeds:
                         run_dir = (
                             out_dir / "runs" / _safe(dataset.label) / _safe(attribute) / folder
                         ) / f"seed{seed}"
-                        overrides = {
-                            **common,
-                            **_flatten(dataset.overrides),
-                            **_flatten({"method": entry.method}),
-                            **_flatten(entry.overrides),
-                        }
-                        if swept and cfg.sweep:
-                            overrides[cfg.sweep.key] = value
+                        overrides: dict[str, Any] = {}
+                        if key is not None:
+                            overrides[key] = value
                         overrides[ATTRIBUTE_KEY] = attribute
                         overrides[SEED_KEY] = seed
                         overrides[OUTPUT_KEY] = str(run_dir)
@@ -284,70 +315,91 @@ def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
                                 label=entry.label,
                                 method=str(entry.method["name"]),
                                 seed=seed,
-                                sweep_key=cfg.sweep.key if swept and cfg.sweep else None,
+                                sweep_key=key,
                                 sweep_value=value,
                                 run_dir=run_dir,
-                                config=entry_config_path(out_dir, entry),
+                                config=entry_config_path(out_dir, dataset, entry),
                                 overrides=overrides,
                             )
                         )
     return runs
 
 
-def entry_config_path(out_dir: Path, entry: MethodEntry) -> Path:
-    return out_dir / "configs" / f"{_safe(entry.label)}.yaml"
+def entry_config_path(out_dir: Path, dataset: DatasetEntry, entry: MethodEntry) -> Path:
+    return out_dir / "configs" / _safe(dataset.label) / f"{_safe(entry.label)}.yaml"
 
 
-def entry_config(cfg: BenchmarkConfig, entry: MethodEntry) -> dict[str, Any]:
-    """The base training config with this entry's method block.
+def dataset_section(base_data: Mapping[str, Any], dataset: DatasetEntry) -> dict[str, Any]:
+    """The `data` section for one dataset (see `DatasetEntry`)."""
+    if dataset.data_config is not None:
+        loaded = load_yaml(dataset.data_config)
+        if not isinstance(loaded.get("data"), Mapping):
+            raise UserError(f"{dataset.data_config}: needs a `data:` section")
+        return dict(loaded["data"])
+    synth = dataset.synth
+    if synth is None:
+        return dict(base_data)
+    if synth.flavour == "table":
+        path = Path(synth.out) / "table.yaml"
+        loaded = load_yaml(path)
+        if not isinstance(loaded.get("data"), Mapping):
+            raise UserError(f"{path}: needs a `data:` section (written by the generator)")
+        return dict(loaded["data"])
+    keep = dict(base_data) if base_data.get("kind") == synth.flavour else {}
+    return {**keep, "kind": synth.flavour, "root": synth.out}
 
-    The base's method parameters are kept only when it names the same method (a method's
-    parameters are invalid for another: `erm` has no `tau`); otherwise the block is replaced.
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"train.epochs": 1} -> {"train": {"epochs": 1}} (values kept as given)."""
+    out: dict[str, Any] = {}
+    for key, value in _flatten(flat).items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def entry_config(cfg: BenchmarkConfig, dataset: DatasetEntry, entry: MethodEntry) -> dict[str, Any]:
+    """The training config of one (dataset, method entry) pair, merged in this order:
+    base -> the dataset's data section -> benchmark overrides -> dataset overrides -> the
+    entry's method block -> the entry's overrides.
+
+    The method parameters set so far are kept only when they belong to the same method (a
+    method's parameters are invalid for another: `erm` has no `tau`); otherwise the entry's
+    block replaces them.
     """
-    data = load_yaml(cfg.base)
-    base_method = data.get("method") if isinstance(data.get("method"), Mapping) else {}
-    if base_method.get("name") == entry.method["name"]:
-        data["method"] = deep_merge(base_method, entry.method)
+    data = load_yaml(cfg.base) if cfg.base else {}
+    base_data = data.get("data") if isinstance(data.get("data"), Mapping) else {}
+    data["data"] = dataset_section(base_data, dataset)
+    data = deep_merge(data, _nest(cfg.overrides))
+    data = deep_merge(data, _nest(dataset.overrides))
+    method = data.get("method") if isinstance(data.get("method"), Mapping) else {}
+    if method.get("name") == entry.method["name"]:
+        data["method"] = deep_merge(method, entry.method)
     else:
         data["method"] = dict(entry.method)
-    return data
+    return deep_merge(data, _nest(entry.overrides))
 
 
 def write_entry_configs(cfg: BenchmarkConfig, out_dir: Path) -> None:
-    for entry in cfg.methods:
-        path = entry_config_path(out_dir, entry)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = f"# {cfg.name}: training config of the entry {entry.label!r} (base: {cfg.base})\n"
-        path.write_text(header + yaml.safe_dump(entry_config(cfg, entry), sort_keys=False))
+    """One training config per (dataset, method entry): what the run commands name."""
+    for dataset in cfg.datasets:
+        for entry in cfg.methods:
+            path = entry_config_path(out_dir, dataset, entry)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            header = (
+                f"# benchmark {cfg.name!r}: dataset {dataset.label!r}, entry {entry.label!r} "
+                f"(base: {cfg.base})\n"
+            )
+            body = yaml.safe_dump(entry_config(cfg, dataset, entry), sort_keys=False)
+            path.write_text(header + body, encoding="utf-8")
 
 
 def plan_lines(cfg: BenchmarkConfig, runs: Sequence[RunSpec]) -> list[str]:
     """One shell command line per run (what `--plan` prints)."""
     return [shlex.join(run.command()) for run in runs]
-
-
-def synth_commands(cfg: BenchmarkConfig) -> list[list[str]]:
-    """`multifair data synth` commands for datasets whose generated data is missing."""
-    commands = []
-    for dataset in cfg.datasets:
-        synth = dataset.synth
-        if synth is None or (Path(synth.out) / "synth_meta.json").is_file():
-            continue
-        commands.append(
-            [
-                sys.executable,
-                "-m",
-                "multifair",
-                "data",
-                "synth",
-                synth.flavour,
-                synth.out,
-                "--scenario",
-                synth.scenario,
-                *synth.args,
-            ]
-        )
-    return commands
 
 
 # ============================================================================================
@@ -442,13 +494,24 @@ def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 def prepare_data(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> None:
-    """Generate missing synthetic datasets (sequentially, before any run needs them)."""
-    for command in synth_commands(cfg):
-        echo(f"generating data: {shlex.join(command[2:])}")
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            err = "\n".join(proc.stderr.strip().splitlines()[-10:])
-            raise UserError(f"data generation failed ({shlex.join(command[2:])}): {err}")
+    """Generate missing synthetic datasets (before any run or config needs them).
+
+    A dataset counts as present when its `synth_meta.json` exists; the generator refuses to
+    overwrite a non-empty folder without it (so a half-written folder is never reused).
+    """
+    for dataset in cfg.datasets:
+        synth = dataset.synth
+        if synth is None or (Path(synth.out) / "synth_meta.json").is_file():
+            continue
+        from multifair.data.synthetic import SynthKnobs, generate
+
+        knobs = validate(
+            SynthKnobs,
+            {**synth.knobs, "flavour": synth.flavour, "scenario": synth.scenario},
+            source=f"datasets.{dataset.label}.synth",
+        )
+        echo(f"generating {synth.flavour} data ({synth.scenario}) in {synth.out}")
+        generate(knobs, synth.out, progress=False)
 
 
 def write_manifest(cfg: BenchmarkConfig, out_dir: Path) -> None:
@@ -716,7 +779,8 @@ class Table:
     rows: list[Row]
     reference: str | None  # label of the paired reference row, if present
     comparisons: int
-    best_achievable: dict[str, float] | None  # generator's best achievable AUC per group
+    # generator's best achievable AUC: row name -> {"auc" | "auc/<group>": value}
+    best_achievable: dict[str, dict[str, float]] | None
     ci_note: str = ""
 
     @property
@@ -730,11 +794,16 @@ def column_name(column: str) -> str:
     return METRIC_NAMES.get(column, column)
 
 
-def read_synth_meta(path: Path, attribute: str) -> dict[str, float] | None:
-    """Best achievable AUC per group name for `attribute` from a generator's synth_meta.json.
+# The generator's latent signals are drawn per group of this attribute (data/synthetic.py).
+SYNTH_ATTRIBUTE = "race"
 
-    Accepted shapes: {"best_auc": {attribute: {group: auc}}} or {"best_auc": {group: auc}}
-    (also under the key "best_achievable_auc"). Returns None when the file has neither.
+
+def read_synth_meta(path: Path, attribute: str) -> dict[str, dict[str, float]] | None:
+    """Reference rows from a generator's synth_meta.json: the best achievable AUC (test split,
+    from the latent signals) with all modalities and with each modality alone.
+
+    Returns {row name: {"auc": overall, "auc/<group>": per group}} or None when the file does
+    not exist or its groups are not those of `attribute`.
     """
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -742,19 +811,18 @@ def read_synth_meta(path: Path, attribute: str) -> dict[str, float] | None:
         return None
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: cannot read synth_meta.json ({exc})") from None
-    block = None
-    for key in ("best_auc", "best_achievable_auc"):
-        if isinstance(meta.get(key), dict):
-            block = meta[key]
-            break
-    if block is None:
+    test = (meta.get("best_auc") or {}).get("test")
+    if attribute != SYNTH_ATTRIBUTE or not isinstance(test, dict):
         return None
-    if isinstance(block.get(attribute), dict):
-        block = block[attribute]
-    if isinstance(block.get("groups"), dict):
-        block = block["groups"]
-    out = {str(k): float(v) for k, v in block.items() if isinstance(v, (int, float))}
-    return out or None
+    groups = {name: entry for name, entry in test.items() if isinstance(entry, dict)}
+    rows: dict[str, dict[str, float]] = {}
+    for key in ["joint", *meta.get("modalities", [])]:
+        name = "all modalities" if key == "joint" else f"{key} alone"
+        row = {f"auc/{g}": _num(entry.get(key)) for g, entry in groups.items()}
+        if key == "joint":
+            row["auc"] = _num(test.get("overall_joint"))
+        rows[f"best achievable ({name})"] = row
+    return rows
 
 
 def _pooled_ci(records: Sequence[RunRecord], attribute: str, n_boot: int) -> dict[str, list[float]]:
@@ -797,9 +865,7 @@ def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[T
     n_boot = cfg.n_boot if n_boot is None else n_boot
     tables = []
     for dataset in cfg.datasets:
-        meta_path = dataset.synth_meta or (
-            str(Path(dataset.synth.out) / "synth_meta.json") if dataset.synth else None
-        )
+        meta_path = dataset.meta_path()
         for attribute in cfg.attributes:
             records = [
                 r
@@ -832,7 +898,7 @@ def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[T
                             {s: v[metric] for s, v in reference.per_seed.items()},
                         )
                         comparisons += 1
-            best = read_synth_meta(Path(meta_path), attribute) if meta_path else None
+            best = read_synth_meta(meta_path, attribute) if meta_path else None
             tables.append(
                 Table(
                     dataset=dataset.label,
@@ -931,20 +997,9 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
                 str(len(row.seeds)),
             ]
         )
-    if table.best_achievable:
-        main.append(
-            [
-                "best achievable (generator)",
-                *[
-                    _fmt(table.best_achievable.get(c[4:], math.nan)) if c.startswith("auc/") else ""
-                    for c in table.columns
-                ],
-                "",
-                "",
-                "",
-                "",
-            ]
-        )
+    for name, values in (table.best_achievable or {}).items():
+        cells = [_fmt(values.get(c, math.nan)) if c in values else "" for c in table.columns]
+        main.append([name, *cells, "", "", "", ""])
     notes = ["mean ± std over seeds (n = number of seeds); sel. = checkpoint selection criterion"]
     kinds = sorted({r.memory_kind for r in table.rows if r.memory_kind})
     if kinds:
@@ -957,7 +1012,10 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
     if any(r.reference_only for r in table.rows):
         notes.append("(reference) rows: single-modality models, shown as reference lines")
     if table.best_achievable:
-        notes.append("best achievable: the generator's per-group AUC of the latent signal")
+        notes.append(
+            "best achievable: AUC of the generator's latent signals on the test split (an "
+            "ideal observer; no model can do better in expectation)"
+        )
     blocks = [(f"{table.dataset} / {table.attribute}", header, main, notes)]
 
     if any(row.ci for row in ordered):

@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, out_dir = bm.load_benchmark(path)
     runs = bm.plan(cfg, out_dir)
+    echo = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    # synthetic data first: the per-run training configs name its files
+    bm.prepare_data(cfg, echo)
     bm.write_manifest(cfg, out_dir)
     if args.plan:
-        for command in bm.synth_commands(cfg):
-            print("# data:", " ".join(command))
         for line in bm.plan_lines(cfg, runs):
             print(line)
         print(
@@ -82,14 +83,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    echo = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    bm.prepare_data(cfg, echo)
     try:
         outcomes = bm.execute(cfg, runs, out_dir, workers=args.workers, echo=echo)
-    except (bm.Terminated, KeyboardInterrupt):
+    except (bm.Terminated, KeyboardInterrupt) as exc:
         done = sum(bm.is_finished(r) for r in runs)
         echo(f"interrupted: {done} of {len(runs)} runs finished; run the same command to continue")
-        return 143
+        return 143 if isinstance(exc, bm.Terminated) else 130
     status = _summarise(bm.collect(out_dir, cfg), args)
     failed = [o for o in outcomes if o.status == "failed"]
     return 1 if failed else status

@@ -288,35 +288,41 @@ def paired_figure(table: bm.Table) -> str | None:
 
 
 def sweep_figures(table: bm.Table) -> list[str]:
-    """Each metric against the swept value, one line per swept method entry."""
-    swept = [r for r in table.rows if r.sweep_key is not None]
-    if not swept:
-        return []
-    key = swept[0].sweep_key
-    metrics = ["auc", "es_auc", "es_acc", "worst_auc", "dpd", "deodds"]
-    fig, axes = _subplots(2, 3, figsize=(12, 6.4))
+    """Each metric against the swept value: one figure per swept key, one line per entry."""
+    keys = list(dict.fromkeys(r.sweep_key for r in table.rows if r.sweep_key is not None))
     reference = next(
         (r for r in table.rows if r.label == table.reference and r.sweep_key is None), None
     )
-    for ax, metric in zip(axes.flat, metrics):
-        for label in dict.fromkeys(r.label for r in swept):
-            rows = [r for r in swept if r.label == label]
-            try:
-                rows.sort(key=lambda r: float(r.sweep_value))
-                xs = [float(r.sweep_value) for r in rows]
-            except (TypeError, ValueError):
-                xs = list(range(len(rows)))
-                ax.set_xticks(xs, [str(r.sweep_value) for r in rows])
-            ys = [r.mean.get(metric, math.nan) for r in rows]
-            errs = [_nan0(r.std.get(metric)) for r in rows]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
-        if reference is not None and math.isfinite(reference.mean.get(metric, math.nan)):
-            ax.axhline(reference.mean[metric], color="grey", ls="--", lw=1, label=reference.label)
-        ax.set(xlabel=str(key), title=bm.METRIC_NAMES[metric])
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{table.dataset} / {table.attribute}: sweep of {key} (mean ± std)", fontsize=10)
-    return [_png(fig)]
+    metrics = ["auc", "es_auc", "es_acc", "worst_auc", "dpd", "deodds"]
+    images = []
+    for key in keys:
+        swept = [r for r in table.rows if r.sweep_key == key]
+        fig, axes = _subplots(2, 3, figsize=(12, 6.4))
+        for ax, metric in zip(axes.flat, metrics):
+            for label in dict.fromkeys(r.label for r in swept):
+                rows = [r for r in swept if r.label == label]
+                try:
+                    rows.sort(key=lambda r: float(r.sweep_value))
+                    xs = [float(r.sweep_value) for r in rows]
+                except (TypeError, ValueError):  # categorical values: evenly spaced, labelled
+                    xs = list(range(len(rows)))
+                    ax.set_xticks(xs, [str(r.sweep_value) for r in rows])
+                ys = [r.mean.get(metric, math.nan) for r in rows]
+                errs = [_nan0(r.std.get(metric)) for r in rows]
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+            if reference is not None and math.isfinite(reference.mean.get(metric, math.nan)):
+                ax.axhline(
+                    reference.mean[metric], color="grey", ls="--", lw=1, label=reference.label
+                )
+            ax.set(xlabel=str(key), title=bm.METRIC_NAMES[metric])
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle(
+            f"{table.dataset} / {table.attribute}: sweep of {key} (mean ± std over seeds)",
+            fontsize=10,
+        )
+        images.append(_png(fig))
+    return images
 
 
 # ============================================================================================
