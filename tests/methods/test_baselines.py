@@ -586,3 +586,90 @@ def test_baselines_are_registered_and_validate_their_parameters() -> None:
         build_method("reweight", {"power": -1}, MODS, G)
     assert METHODS.get("fin").uses_attribute_at_test
     assert not METHODS.get("groupdro").uses_attribute_at_test
+
+
+# ---- FIS -------------------------------------------------------------------------------------
+def exact_w2(x: np.ndarray, y: np.ndarray) -> float:
+    """Squared 2-Wasserstein distance between two 1-D empirical distributions (quantiles)."""
+    x, y = np.sort(x), np.sort(y)
+    t = np.union1d(np.arange(len(x) + 1) / len(x), np.arange(len(y) + 1) / len(y))
+    mid = (t[:-1] + t[1:]) / 2
+    qx = x[np.minimum((mid * len(x)).astype(int), len(x) - 1)]
+    qy = y[np.minimum((mid * len(y)).astype(int), len(y) - 1)]
+    return float(((qx - qy) ** 2 * np.diff(t)).sum())
+
+
+def test_fis_sinkhorn_cost_approaches_the_exact_transport_cost() -> None:
+    from multifair.methods.fis import sinkhorn_costs
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.rand(6, generator=g), torch.rand(10, generator=g) + 1.0]).double()
+    groups = torch.tensor([0] * 6 + [1] * 10)
+    masks = group_masks_for(groups, 3)
+    costs = sinkhorn_costs(values, masks, masks.any(1), eps=1e-4, iterations=1000)
+    v = values.numpy()
+    for k, members in enumerate([v[:6], v[6:]]):
+        assert float(costs[k]) == pytest.approx(exact_w2(members, v), rel=2e-2, abs=1e-3)
+    assert float(costs[2]) == 0.0  # no sample in group 2
+    assert float(costs[0]) > float(costs[1])  # the smaller, more shifted group is further away
+
+
+def group_masks_for(groups: Tensor, n: int) -> Tensor:
+    return groups[:, None] == torch.arange(n)[None, :]
+
+
+def test_fis_weights_mix_individual_and_group_parts() -> None:
+    model, method = setup("fis", {"mix": 0.5, "temperature": 1.0})
+    batch = tiny_batch(MODS, size=30, seed=12)
+    _, loss = forward_loss(method, model, batch, make_ctx(model, G))
+
+    out = model(batch)
+    per = ce(out.logits, batch["label"], reduction="none").detach().double().numpy()
+    groups = batch["group"].numpy()
+    w_ind = len(per) * np.exp(per) / np.exp(per).sum()
+    dist = np.array([float(loss.signals[f"sinkhorn/{k}"]) for k in range(G)])
+    count = np.array([(groups == k).sum() for k in range(G)])
+    share = np.where(count > 0, np.exp(dist), 0.0)
+    share /= share.sum()
+    known = groups >= 0
+    w_grp = np.where(known, known.sum() * share[np.clip(groups, 0, None)] / np.maximum(count[np.clip(groups, 0, None)], 1), 1.0)  # fmt: skip
+    expected = ((0.5 * w_ind + 0.5 * w_grp) * per).mean()
+    aux = sum(ce(u, batch["label"]) for u in out.aux_logits.values()).item()
+    assert float(loss.total.detach()) == pytest.approx(expected + aux, rel=1e-5)
+    assert w_grp[known].sum() == pytest.approx(known.sum())  # group weights keep the mass
+    for k in range(G):  # each group's distance is the OT cost of its losses to the pool
+        assert dist[k] == pytest.approx(exact_w2(per[groups == k], per[known]), abs=0.005)
+
+
+# ---- adversarial -----------------------------------------------------------------------------
+def test_adversarial_reverses_the_adversarys_gradient_into_the_model() -> None:
+    model, method = setup("adversarial", {"weight": 0.7, "warmup": 0.0})
+    batch = tiny_batch(MODS, size=24, seed=13)
+    ctx = make_ctx(model, G)
+    _, loss = step_grads(method, model, batch, ctx)
+    assert float(loss.signals["adversary_strength"]) == pytest.approx(0.7)
+
+    # oracle: the same adversary without reversal on a fresh graph
+    y, groups = batch["label"], batch["group"]
+    fresh = model(batch)
+    z = torch.cat([fresh.logits, nn.functional.one_hot(y, 2).float()], dim=1)
+    known = (groups >= 0).float()
+    per = ce(method.adversary(z), groups.clamp_min(0), reduction="none")
+    adv = (per * known).sum() / known.sum()
+    task = ce(fresh.logits, y) + sum(ce(u, y) for u in fresh.aux_logits.values())
+    head = params_of(model.head)
+    for p, g_task, g_adv in zip(head, autograd_of(task, head), autograd_of(adv, head)):
+        torch.testing.assert_close(p.grad, g_task - 0.7 * g_adv, rtol=1e-4, atol=1e-7)
+    adversary = params_of(method.adversary)
+    for p, g in zip(adversary, autograd_of(adv, adversary)):
+        torch.testing.assert_close(p.grad, g)  # the adversary itself descends its loss
+
+
+def test_adversarial_warmup_ramps_the_strength() -> None:
+    model, method = setup("adversarial", {"weight": 2.0, "warmup": 0.5})
+    ctx = make_ctx(model, G)  # total_steps 100: the ramp ends at step 50
+    strengths = []
+    for step in (0, 25, 50, 90):
+        ctx.step = step
+        strengths.append(method.strength(ctx))
+    assert strengths == pytest.approx([0.0, 1.0, 2.0, 2.0])

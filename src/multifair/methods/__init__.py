@@ -3,10 +3,12 @@ imports every method explicitly (no discovery magic)."""
 
 # Method modules (each registers itself on import).
 from multifair.methods import (  # noqa: F401
+    adversarial,
     cggm,
     dgl,
     erm,
     fin,
+    fis,
     groupdro,
     lr_split,
     mmpareto,
