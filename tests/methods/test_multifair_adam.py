@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -439,3 +440,39 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
     steps = [r for r in rows if r.get("kind") == "step"]
     lead_factor = [r["lr_factor/lead"] for r in steps]
     assert sum(lead_factor) / len(lead_factor) > 0.95  # the useful encoder was not throttled
+
+
+def test_factors_are_identical_across_ranks_and_equal_the_global_batch():
+    """Two simulated DDP ranks, each with half of a batch: ctx.gather returns both halves, so
+    both ranks compute the factors of the whole batch (as one process does)."""
+    torch.manual_seed(0)
+    model = TinyMultimodal({"lead": 4, "lag": 4})
+    batch = make_batches(1, batch_size=48, seed=8)[0]
+    halves = [
+        {k: v[sl] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        for sl in (slice(0, 24), slice(24, 48))
+    ]
+    recorded: list[torch.Tensor] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        recorded.append(t)
+        return t
+
+    probe = _method(guard=False)
+    for half in halves:  # what each rank contributes to the collective
+        probe.loss(model(half), half, replace(make_context(0, 1, 3, model), gather=record))
+    everyone = torch.cat(recorded)
+    ranks = [_method(guard=False) for _ in halves]
+    factors = []
+    for method, half in zip(ranks, halves):
+        ctx = replace(make_context(0, 1, 3, model), gather=lambda t: everyone)
+        loss = method.loss(model(half), half, ctx)
+        factors.append(torch.stack(list(method.lr_factors(loss, ctx).values())))
+    single = _method(guard=False)
+    ctx = make_context(0, 1, 3, model)
+    whole = torch.stack(
+        list(single.lr_factors(single.loss(model(batch), batch, ctx), ctx).values())
+    )
+    assert torch.equal(factors[0], factors[1])
+    assert torch.equal(factors[0], whole)
+    assert not torch.equal(whole, torch.ones(2))
