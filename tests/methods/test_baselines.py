@@ -185,7 +185,8 @@ def test_ogm_ge_noise_has_the_gradient_std_and_the_window_is_respected() -> None
 @pytest.mark.parametrize("name", ["ogm_ge", "cggm"])
 def test_step_size_switch_moves_the_factor_from_gradient_to_learning_rate(name: str) -> None:
     """step_size mode: gradients untouched, lr_factors = the factors gradient mode applies."""
-    extra = {"noise": False} if name == "ogm_ge" else {}
+    # cggm's step size needs bounds; (0, 10) never binds here (rho * k <= 1.3 on a first step)
+    extra = {"noise": False} if name == "ogm_ge" else {"clamp": (0.0, 10.0)}
     batch = strong_a_batch()
     applied = {}
     for mode in ("gradient", "step_size"):
@@ -582,6 +583,8 @@ def test_baselines_are_registered_and_validate_their_parameters() -> None:
         assert name in METHODS
     with pytest.raises(UserError, match="factor_on"):
         build_method("ogm_ge", {"factor_on": "both"}, MODS, G)
+    with pytest.raises(UserError, match="needs clamp"):
+        build_method("cggm", {"factor_on": "step_size"}, MODS, G)
     with pytest.raises(UserError, match="power"):
         build_method("reweight", {"power": -1}, MODS, G)
     assert METHODS.get("fin").uses_attribute_at_test

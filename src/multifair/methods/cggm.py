@@ -22,7 +22,8 @@ k_m is unbounded and changes sign when one modality's accuracy drops (d_m < 0): 
 paper's rule. Where sum_j d_j = 0 (exactly: accuracies move in steps of 1/B) we use (M - 1) / M, the value k takes when all modalities
 improve equally (the released code divides by sum + 1e-8 and explodes there). `clamp` bounds
 rho * k_m; use it with `factor_on: step_size`, where a negative or huge factor becomes a
-negative or huge learning rate (clipping bounds a gradient, not a step size).
+negative or huge learning rate (clipping bounds a gradient, not a step size) - so step_size
+mode requires it (e.g. `clamp: [0, 2]`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from multifair.methods.base import (
@@ -51,6 +52,17 @@ class CGGMParams(MethodParams):
     lambda_gm: float = Field(0.1, ge=0)  # weight of the direction term (paper: 0.05 - 0.2)
     clamp: tuple[float, float] | None = None  # bounds on rho * k_m (None: the paper's rule)
     factor_on: Literal["gradient", "step_size"] = "gradient"
+
+    @model_validator(mode="after")
+    def _bounded_step_size(self) -> CGGMParams:
+        if self.factor_on == "step_size" and self.clamp is None:
+            raise ValueError(
+                "factor_on=step_size needs clamp (e.g. [0, 2]): k_m is unbounded and can be "
+                "negative, which would become a negative or huge learning rate"
+            )
+        if self.clamp is not None and self.clamp[0] > self.clamp[1]:
+            raise ValueError(f"clamp: low > high ({list(self.clamp)})")
+        return self
 
 
 def head_weight_gradient(logits: Tensor, labels: Tensor, head_input: Tensor) -> Tensor:
