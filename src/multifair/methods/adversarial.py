@@ -109,5 +109,5 @@ class Adversarial(Method):
         result.total = result.total + adv
         result.parts["adversary"] = adv.detach()
         result.signals["adversary_acc"] = (correct * known).sum() / known.sum().clamp_min(1)
-        result.signals["adversary_strength"] = torch.tensor(strength)
+        result.signals["adversary_strength"] = out.logits.new_full((), strength).float()
         return result
