@@ -584,6 +584,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
         model.load_state_dict(selected["model"])
         method.load_state_dict(selected["method"])
         summaries: dict[str, Any] = {}
+        aux_auc: dict[str, dict[str, float]] = {}
         for split in dict.fromkeys(["val", "test", *cfg.output.predictions]):
             preds = predict(
                 model,
@@ -598,6 +599,9 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                 summaries[split] = evaluate_predictions(
                     preds, data.group_names, attribute, n_boot=n_boot, seed=tc.seed
                 )
+                aux_auc[split] = val_record(summaries[split], attribute, preds, modalities)[
+                    "aux_auc"
+                ]
             if env.is_main and split in cfg.output.predictions:
                 write_predictions(
                     preds, split, data.group_names, run_dir / f"predictions_{split}.csv"
@@ -610,6 +614,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             "attribute": attribute,
             "val": summaries["val"],
             "test": summaries["test"],
+            # each auxiliary (single-modality) head's AUC: how much each modality was learned
+            "aux_auc": aux_auc,
             "time_per_step_s": timing["seconds"] / max(1, timing["steps"]),
             **_peak_memory(device),
             "uses_attribute_at_test": bool(method_cls.uses_attribute_at_test),
