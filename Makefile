@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/multifair audit --demo
+	$(BIN)/multifair demo
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
