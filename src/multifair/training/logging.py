@@ -107,7 +107,7 @@ class RunLogger:
             x = record.get("step", record.get("epoch", 0))
             for key, value in _flatten(record).items():
                 if key not in ("step", "epoch", "kind") and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{record.get('kind', 'log')}/{key}", value, x)
+                    self._tb.add_scalar(f"{record.get('kind', 'log')}/{key}", float(value), x)
 
     def close(self) -> None:
         if self._fh is not None:
