@@ -83,6 +83,22 @@ def test_plan_is_deterministic_and_overrides_round_trip(tmp_path):
     assert es["train"] == {"epochs": 1, "select_by": "es_auc"} and es["method"] == {"name": "erm"}
 
 
+def test_labels_with_dots_and_equals_give_distinct_files_without_equals(tmp_path):
+    methods = [
+        {"label": "reweight p=0.5", "method": {"name": "reweight", "power": 0.5}},
+        {"label": "reweight p=0.6", "method": {"name": "reweight", "power": 0.6}},
+    ]
+    cfg, out_dir = bm.load_benchmark(write_config(tmp_path, methods=methods, sweep=None))
+    runs = bm.plan(cfg, out_dir)
+    assert all("=" not in r.config.name for r in runs)  # `multifair train` reads "=" as override
+    assert len({r.config for r in runs}) == 2 and len({r.run_dir for r in runs}) == 4
+    logs = {p for r in runs for p in bm._log_paths(out_dir, r)}
+    assert len(logs) == 12  # stdout, stderr, status per run, none shared
+    with pytest.raises(UserError, match="path with '='"):
+        bad = tmp_path / "a=b"
+        bm.write_manifest(cfg, bad)
+
+
 def test_several_sweeps_run_one_key_at_a_time(tmp_path):
     sweeps = [
         {"key": "method.tau", "values": [0.02, 0.08], "methods": ["mf"]},

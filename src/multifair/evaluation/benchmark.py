@@ -59,7 +59,9 @@ METRIC_NAMES = {
 # The metrics compared to the reference, paired by seed.
 PAIRED_METRICS = ("auc", "es_auc", "worst_auc")
 ATTRIBUTE_MARK = "†"  # methods that read the sensitive attribute at test time
-_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+# File-safe names. No "=": `multifair train` reads an argument with "=" as an override, so a
+# config path must not contain one ("=" appears only in a sweep folder's `__key=value`).
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 # ============================================================================================
@@ -388,6 +390,11 @@ def write_entry_configs(cfg: BenchmarkConfig, out_dir: Path) -> None:
     for dataset in cfg.datasets:
         for entry in cfg.methods:
             path = entry_config_path(out_dir, dataset, entry)
+            if "=" in str(path):
+                raise UserError(
+                    f"output: {out_dir}: a path with '=' cannot be passed to `multifair train` "
+                    "(it would be read as a key=value override); choose another folder"
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
             header = (
                 f"# benchmark {cfg.name!r}: dataset {dataset.label!r}, entry {entry.label!r} "
@@ -428,8 +435,9 @@ def is_finished(run: RunSpec) -> bool:
 def _log_paths(out_dir: Path, run: RunSpec) -> tuple[Path, Path, Path]:
     """stdout, stderr and status files of a run, kept outside the run directory (which the
     trainer owns) so that a failed attempt's evidence survives the retry's clean-up."""
-    stem = out_dir / "logs" / "__".join(_safe(p) for p in run.run_dir.parts[-4:])
-    return stem.with_suffix(".stdout"), stem.with_suffix(".stderr"), stem.with_suffix(".status")
+    stem = str(out_dir / "logs" / "__".join(run.run_dir.parts[-4:]))
+    # appended, not Path.with_suffix: a label like "p=0.5" has a dot of its own
+    return Path(stem + ".stdout"), Path(stem + ".stderr"), Path(stem + ".status")
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -37,7 +37,7 @@ FAIR_ON = 0.5  # an epoch is "in fairness mode" when more than half its logged s
 AUC_DROP = 0.01  # a validation AUC drop that counts as a drop
 OSC_MIN_EPOCHS = 4  # need at least this many validation ES-AUC values to call oscillation
 OSC_SIGN_FLIPS = 0.6  # share of consecutive changes that reverse direction
-OSC_MIN_AMPLITUDE = 0.01  # mean absolute epoch-to-epoch ES-AUC change
+OSC_MIN_AMPLITUDE = 0.02  # mean absolute epoch-to-epoch ES-AUC change
 
 
 @dataclass

@@ -234,21 +234,37 @@ def _epoch_end_steps(log: RunLog) -> dict[int, float]:
     return ends
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def _style(i: int) -> dict[str, Any]:
+    """A distinct colour + marker for the i-th row (10 colours, then the next marker)."""
+    return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
+
+
 def scatter_figure(table: bm.Table) -> str | None:
-    """Fairness vs AUC of every row, mean with +- std error bars over seeds."""
+    """Fairness vs AUC of every row, mean with ± std error bars over seeds. Reference rows
+    (single-modality models) are horizontal dotted lines, so they do not stretch the axes."""
     rows = [r for r in table.rows if math.isfinite(r.mean.get("auc", math.nan))]
     if not rows:
         return None
     fig, axes = _subplots(1, len(SCATTER_Y), figsize=(4.3 * len(SCATTER_Y), 3.8))
     for ax, (key, name) in zip(axes, SCATTER_Y):
-        for row in rows:
+        for i, row in enumerate(rows):
             x, y = row.mean["auc"], row.mean.get(key, math.nan)
             if not math.isfinite(y):
                 continue
+            style = _style(i)
+            if row.reference_only:
+                ax.axhline(y, ls=":", lw=1.2, color=style["color"], label=f"{row.variant} (ref.)")
+                continue
             xerr, yerr = _nan0(row.std.get("auc")), _nan0(row.std.get(key))
-            marker = "s" if row.reference_only else "o"
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, capsize=3, label=row.variant)
+            ax.errorbar(
+                x, y, xerr=xerr, yerr=yerr, fmt=style["marker"], color=style["color"],
+                capsize=3, label=row.variant,
+            )  # fmt: skip
         ax.set(xlabel="AUC", ylabel=name, title=f"{name} vs AUC")
+        ax.locator_params(axis="x", nbins=5)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
