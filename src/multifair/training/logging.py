@@ -19,12 +19,14 @@ from torch import Tensor
 
 
 class WindowMeter:
-    """Device-side running sums of named tensors over a window of steps."""
+    """Running sums of named values over a window of steps: tensors on their device (one
+    concatenated vector, no host copy), Python floats on the host."""
 
     def __init__(self, modalities: Sequence[str] = ()) -> None:
         self.modalities = list(modalities)
-        self._layout: list[tuple[str, tuple[int, ...]]] | None = None
+        self._layout: tuple[list[tuple[str, tuple[int, ...]]], list[str]] | None = None
         self._sum: Tensor | None = None
+        self._float_sum: list[float] = []
         self._count = 0
 
     def add(self, values: Mapping[str, Tensor | float]) -> None:
@@ -32,26 +34,32 @@ class WindowMeter:
         if not values:
             return
         items = sorted(values.items())
-        layout = [(k, tuple(torch.as_tensor(v).shape)) for k, v in items]
+        tensors = [(k, v) for k, v in items if isinstance(v, Tensor)]
+        floats = [(k, float(v)) for k, v in items if not isinstance(v, Tensor)]
+        layout = ([(k, tuple(v.shape)) for k, v in tensors], [k for k, _ in floats])
         if layout != self._layout:
             # new names or shapes (first step, or a hook that started returning more): restart
             self._layout, self._sum, self._count = layout, None, 0
-        device = next((v.device for _, v in items if isinstance(v, Tensor)), torch.device("cpu"))
-        flat = torch.cat(
-            [torch.as_tensor(v, device=device).detach().float().reshape(-1) for _, v in items]
-        )  # (total numel,)
-        self._sum = flat if self._sum is None else self._sum + flat
+            self._float_sum = [0.0] * len(floats)
+        if tensors:
+            device = tensors[0][1].device
+            flat = torch.cat(
+                [v.detach().to(device, torch.float32).reshape(-1) for _, v in tensors]
+            )  # (total numel,)
+            self._sum = flat if self._sum is None else self._sum + flat
+        self._float_sum = [a + b for a, (_, b) in zip(self._float_sum, floats)]
         self._count += 1
 
     def flush(self) -> dict[str, float]:
         """Window means as floats (one host sync), then reset. Vectors of length M are named
         `<name>/<modality>`, other vectors `<name>/<i>`."""
-        if self._sum is None or self._layout is None:
+        if self._layout is None or self._count == 0:
             return {}
-        means = (self._sum / self._count).tolist()
+        shapes, float_names = self._layout
+        means = (self._sum / self._count).tolist() if self._sum is not None else []
         out: dict[str, float] = {}
         i = 0
-        for name, shape in self._layout:
+        for name, shape in shapes:
             n = math.prod(shape)
             vals = means[i : i + n]
             i += n
@@ -61,8 +69,10 @@ class WindowMeter:
                 out.update({f"{name}/{m}": v for m, v in zip(self.modalities, vals)})
             else:
                 out.update({f"{name}/{j}": v for j, v in enumerate(vals)})
+        out.update({k: v / self._count for k, v in zip(float_names, self._float_sum)})
         self._sum, self._count = None, 0
-        return out
+        self._float_sum = [0.0] * len(float_names)
+        return dict(sorted(out.items()))
 
 
 def _json_safe(x: Any) -> Any:

@@ -449,7 +449,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             method.train()
             train_sampler.set_epoch(epoch)
             train_loader.generator.manual_seed(tc.seed * 1_000_003 + epoch)
-            method.on_epoch_start(make_ctx(epoch, step))
+            epoch_stats = dict(method.on_epoch_start(make_ctx(epoch, step)) or {})
             loss_sum = torch.zeros((), device=device)
             first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
             batches: Iterator = iter(train_loader)
@@ -492,7 +492,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                     bar.set_postfix(loss=f"{record['loss/total']:.4f}")
                 bar.update()
             bar.close()
-            method.on_epoch_end(make_ctx(epoch, step))
+            epoch_stats.update(method.on_epoch_end(make_ctx(epoch, step)) or {})
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -515,6 +515,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                 "train_loss": float(loss_sum) / steps_per_epoch,
                 "val": val_record(val, attribute, val_preds, modalities),
                 "selected": metric > best["metric"],
+                # what the method's epoch hooks reported (prototypes, windows, ...)
+                **({"method": _plain(epoch_stats)} if epoch_stats else {}),
                 "seconds": seconds,
             }
             if metric > best["metric"]:  # NaN never wins: a degenerate epoch cannot be selected
@@ -651,6 +653,11 @@ def _check_finite(first_bad: Tensor, epoch: int, record: Mapping[str, Any], ckpt
         f"{f' [{parts}]' if parts else ''}; stopped - {kept}. Try a lower train.lr, "
         "train.amp=off, or check the inputs for NaN"
     )
+
+
+def _plain(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """Epoch-hook stats as JSON-able numbers (tensors read once per epoch)."""
+    return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in stats.items()}
 
 
 def _selection_metric(summary: Mapping[str, Any], attribute: str, select_by: str) -> float:
