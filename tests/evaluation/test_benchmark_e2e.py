@@ -126,8 +126,25 @@ def test_tiny_benchmark_killed_midway_then_resumed(tmp_path, capsys):
     assert "<h3>Fairness vs AUC</h3>" in html and "<h3>Diagnostics (every run)</h3>" in html
     assert html.count("data:image/png;base64,") >= 4 and not re.search(r"https?://", html)
 
+    # changing the recipe afterwards: finished runs are kept but flagged as stale
+    original = cfg.read_text()
+    changed = yaml.safe_load(original)
+    changed["overrides"]["train"]["epochs"] = 2
+    cfg.write_text(yaml.safe_dump(changed))
+    assert main(["benchmark", str(cfg), "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert "4 runs: 4 already finished, 0 to run" in err
+    # every run with a recorded fingerprint (the killed first attempt may have had no time to
+    # record one for the run it was finishing)
+    flagged = re.search(r"WARNING: (\d) finished runs were trained with a different config", err)
+    assert flagged and 4 - k <= int(flagged.group(1)) <= 4, err
+    cfg.write_text(original)  # back to the recipe they were trained with
+    assert main(["benchmark", str(cfg), "--plan"]) == 0
+    capsys.readouterr()
+
     # collect and a single run's report work on the finished directory
     assert main(["benchmark", "collect", str(out_dir), "--no-report"]) == 0
+    assert "4 of 4 runs finished\n" in capsys.readouterr().err
     run_dir = out_dir / "runs/data/sex/multifair/seed0"
     assert main(["report", str(run_dir)]) == 0
     run_html = (run_dir / "report.html").read_text()

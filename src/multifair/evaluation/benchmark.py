@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -440,6 +441,37 @@ def _log_paths(out_dir: Path, run: RunSpec) -> tuple[Path, Path, Path]:
     return Path(stem + ".stdout"), Path(stem + ".stderr"), Path(stem + ".status")
 
 
+def fingerprint(run: RunSpec) -> str:
+    """What the run trains with: its training config file and its per-run overrides (not the
+    run directory). A finished run whose recorded fingerprint differs is stale."""
+    try:
+        text = run.config.read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+    overrides = {k: v for k, v in run.overrides.items() if k != OUTPUT_KEY}
+    payload = text + "\n" + json.dumps(overrides, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_status(out_dir: Path, run: RunSpec) -> dict[str, Any]:
+    """The status the runner recorded for a run's last attempt ({} when there is none)."""
+    try:
+        data = json.loads(_log_paths(out_dir, run)[2].read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def stale_runs(out_dir: Path, runs: Sequence[RunSpec]) -> list[RunSpec]:
+    """Finished runs that this runner trained with a different config than the current one."""
+    out = []
+    for run in runs:
+        recorded = read_status(out_dir, run).get("fingerprint")
+        if recorded and is_finished(run) and recorded != fingerprint(run):
+            out.append(run)
+    return out
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -561,6 +593,14 @@ def execute(
     echo(
         f"{len(runs)} runs: {len(runs) - total} already finished, {total} to run, {workers} at a time"
     )
+    stale = stale_runs(out_dir, runs)
+    if stale:
+        echo(
+            f"WARNING: {len(stale)} finished runs were trained with a different config than the "
+            "current one; they are kept - delete their run directories to retrain them: "
+            + ", ".join(r.run_id for r in stale[:10])
+            + (" ..." if len(stale) > 10 else "")
+        )
     active: dict[subprocess.Popen[bytes], tuple[RunSpec, float, Any, Any]] = {}
     started = 0
     with _sigterm_as_exception():
@@ -607,7 +647,12 @@ def _finish(
     _, err_path, status_path = _log_paths(out_dir, run)
     done = returncode == 0 and is_finished(run)
     status: Literal["done", "failed"] = "done" if done else "failed"
-    info = {"status": status, "returncode": returncode, "seconds": round(seconds, 3)}
+    info = {
+        "status": status,
+        "returncode": returncode,
+        "seconds": round(seconds, 3),
+        "fingerprint": fingerprint(run),
+    }
     status_path.write_text(json.dumps(info) + "\n", encoding="utf-8")
     outcome = RunOutcome(run, status, seconds, returncode)
     if done:
@@ -648,6 +693,7 @@ class Collection:
     finished: list[RunRecord]
     missing: list[RunSpec]
     failed: list[tuple[RunSpec, str]]  # (run, stderr tail) for runs whose last attempt failed
+    stale: list[RunSpec] = field(default_factory=list)  # finished with another config
 
 
 def load_manifest(out_dir: str | Path) -> BenchmarkConfig:
@@ -677,14 +723,9 @@ def collect(out_dir: str | Path, cfg: BenchmarkConfig | None = None) -> Collecti
             finished.append(RunRecord(run, metrics))
             continue
         missing.append(run)
-        _, err_path, status_path = _log_paths(out_dir, run)
-        try:
-            status = json.loads(status_path.read_text(encoding="utf-8")).get("status")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            status = None
-        if status == "failed":
-            failed.append((run, tail(err_path)))
-    return Collection(cfg, out_dir, runs, finished, missing, failed)
+        if read_status(out_dir, run).get("status") == "failed":
+            failed.append((run, tail(_log_paths(out_dir, run)[1])))
+    return Collection(cfg, out_dir, runs, finished, missing, failed, stale_runs(out_dir, runs))
 
 
 # ============================================================================================
@@ -1092,6 +1133,11 @@ def _status_line(collection: Collection) -> str:
         text += f"; {len(collection.missing)} missing"
     if collection.failed:
         text += f" ({len(collection.failed)} failed)"
+    if collection.stale:
+        text += (
+            f"; WARNING: {len(collection.stale)} finished runs were trained with a different "
+            "config than the current one"
+        )
     return text
 
 
@@ -1147,6 +1193,7 @@ def to_json(tables: Sequence[Table], collection: Collection | None = None) -> di
             "finished": len(collection.finished),
             "missing": [r.run_id for r in collection.missing],
             "failed": [{"run": r.run_id, "stderr_tail": err} for r, err in collection.failed],
+            "stale": [r.run_id for r in collection.stale],
         }
     for table in tables:
         out["tables"].append(
