@@ -19,6 +19,7 @@ from multifair.errors import UserError
 # Sub-command modules, in the order `multifair --help` lists them.
 COMMAND_MODULES: list[str] = [
     "multifair.training.cli",
+    "multifair.data.cli",
     "multifair.evaluation.audit",
     "multifair.evaluation.benchmark_cli",
 ]

@@ -146,6 +146,21 @@ class DataBundle:
     def sample_ids(self, split: str) -> list[str]:
         return list(self.datasets[split].sample_ids)  # type: ignore[attr-defined]
 
+    def metadata(self, split: str) -> Any:
+        """A pandas DataFrame per sample: sample_id, label, every attribute's code and name,
+        and extra columns the source provides (FairVision/FairVLMed: age)."""
+        import pandas as pd
+
+        ds = self.datasets[split]
+        frame = pd.DataFrame({"sample_id": self.sample_ids(split), "label": self.labels(split)})
+        for a in self.attributes:
+            codes = self.groups(split, a)
+            frame[a] = codes
+            frame[f"{a}_name"] = [self.group_names[a].get(int(c), "unknown") for c in codes]
+        for name, values in getattr(ds, "extra", {}).items():
+            frame[name] = values
+        return frame
+
     def state(self) -> dict[str, Any]:
         """JSON-able description to store with a run: the config, the group vocabulary and any
         preprocessing fitted on the training split. `build_data(cfg, splits, state=...)` reuses

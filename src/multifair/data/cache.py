@@ -300,9 +300,16 @@ def prepare_cache(
             continue
         split_problems = Problems(skip=cfg.skip_bad)
         records = scan_split(
-            inputs.files[split], inputs.fmt, cfg, attributes, modalities, split_problems,
-            inputs.note_fn, inputs.ages, desc=f"scan {split}",
-        )  # fmt: skip
+            inputs.files[split],
+            inputs.fmt,
+            cfg,
+            attributes,
+            modalities,
+            split_problems,
+            inputs.note_fn,
+            inputs.ages,
+            desc=f"scan {split}",
+        )
         if len(records) == 0:
             raise UserError(f"{root}: no readable sample in the {split} split")
         n = len(records)
@@ -351,9 +358,10 @@ def prepare_cache(
                     t = sample[m].numpy()
                     if list(t.shape) != shapes[m]:
                         exc = BadFile(
-                            records.paths[row], keys[m],
+                            records.paths[row],
+                            keys[m],
                             f"preprocessed shape {list(t.shape)} differs from the first file's {shapes[m]}",
-                        )  # fmt: skip
+                        )
                         split_problems.add(exc)
                         bad_list.append(exc.as_dict())
                         flags[row] = 2

@@ -89,16 +89,24 @@ def locate(root: Path, disease: str, splits: Sequence[str]) -> Located:
         root,
     ]
     base = find_split_base(
-        candidates, root, f"{disease}/{{Training,Validation,Test}}, {disease}/{{train,val,test}} "
+        candidates,
+        root,
+        f"{disease}/{{Training,Validation,Test}}, {disease}/{{train,val,test}} "
         f"or {disease}/Dataset/{{Training,Validation,Test}}",
-    )  # fmt: skip
+    )
     folders, files = collect_files(
         root, base, splits, "Training/train, Validation/val, Test/Testing/test"
     )
     name = f"data_summary_{disease.lower()}.csv"
     csvs = {}
-    for folder in [root, disease_dir, base, base.parent, _child(disease_dir or root, "ReadMe"),
-                   _child(root, "ReadMe")]:  # fmt: skip
+    for folder in [
+        root,
+        disease_dir,
+        base,
+        base.parent,
+        _child(disease_dir or root, "ReadMe"),
+        _child(root, "ReadMe"),
+    ]:
         if folder is not None and (folder / name).is_file():
             csvs["summary"] = folder / name
             break

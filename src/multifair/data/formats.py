@@ -168,7 +168,16 @@ class BadValue(Exception):
 class BadFile(UserError):
     """A user file that cannot be used: names the file, the key (if any) and what is wrong."""
 
-    def __init__(self, path: str | Path, key: str | None, message: str) -> None:
+    def __init__(self, path: str | Path, key: str | None = None, message: str | None = None) -> None:
+        if message is None:
+            # Re-raised by a DataLoader worker as BadFile(traceback text): keep its last line,
+            # the original one-line message.
+            lines = [ln for ln in str(path).splitlines() if ln.strip()]
+            text = lines[-1] if lines else str(path)
+            text = text.split("BadFile: ", 1)[-1]
+            self.path, self.key, self.message = "", None, text
+            super().__init__(text)
+            return
         self.path = str(path)
         self.key = key
         self.message = message

@@ -242,6 +242,7 @@ class _SubjectDataset(Dataset):
         self.sample_ids = records.sample_ids
         self.labels = records.labels
         self.codes = records.codes
+        self.extra = {"age": records.age}  # per-sample metadata that is not an attribute
 
     def __len__(self) -> int:
         return len(self.records)
@@ -493,9 +494,16 @@ def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
         problems = Problems(skip=cfg.skip_bad)  # the scan below reports the same files again
         for split, split_files in files.items():
             records[split] = scan_split(
-                split_files, fmt, cfg, present, modalities, problems, note_fn, ages,
+                split_files,
+                fmt,
+                cfg,
+                present,
+                modalities,
+                problems,
+                note_fn,
+                ages,
                 desc=f"scan {split}",
-            )  # fmt: skip
+            )
             if len(records[split]) == 0:
                 raise UserError(f"{root}: no readable sample in the {split} split")
             rows[split] = np.arange(len(records[split]))

@@ -130,8 +130,16 @@ def _labels(frame: pd.DataFrame, spec: LabelSpec, source: str) -> tuple[np.ndarr
                 if math.isnan(x):
                     raise BadValue(where, "label is NaN")
                 op, thr = rule
-                out[i] = int({">": x > thr, ">=": x >= thr, "<": x < thr, "<=": x <= thr,
-                              "==": x == thr, "!=": x != thr}[op])  # fmt: skip
+                out[i] = int(
+                    {
+                        ">": x > thr,
+                        ">=": x >= thr,
+                        "<": x < thr,
+                        "<=": x <= thr,
+                        "==": x == thr,
+                        "!=": x != thr,
+                    }[op]
+                )
             elif positive is not None:
                 out[i] = int(key in positive)
             else:
@@ -622,17 +630,26 @@ def build(
                     "" if _raw_key(v) is None else str(v) for v in part[mod.column].tolist()
                 ]
         datasets[split] = TableDataset(
-            [ids_all[i] for i in rows], labels[rows], {a: c[rows] for a, c in codes.items()},
-            cfg.attribute, tabular, paths, texts, order, cfg.image_size, cfg.oct_slices,
-        )  # fmt: skip
+            [ids_all[i] for i in rows],
+            labels[rows],
+            {a: c[rows] for a, c in codes.items()},
+            cfg.attribute,
+            tabular,
+            paths,
+            texts,
+            order,
+            cfg.image_size,
+            cfg.oct_slices,
+        )
     modalities: dict[str, ModalitySpec] = {}
     s = cfg.image_size
     for m in order:
         mod = cfg.columns[m]
         if mod.kind == "tabular":
             names = feature_names(fitted_all["features"][m])
-            modalities[m] = ModalitySpec(m, "tabular", (len(names),), len(names), (len(names),),
-                                         "float32", tuple(names))  # fmt: skip
+            modalities[m] = ModalitySpec(
+                m, "tabular", (len(names),), len(names), (len(names),), "float32", tuple(names)
+            )
         elif mod.kind == "image":
             first = next(iter(datasets.values()))
             c = int(first._read(m, 0).shape[0]) if len(first) else 1  # type: ignore[attr-defined]

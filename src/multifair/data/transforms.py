@@ -38,7 +38,7 @@ def _check_values(arr: np.ndarray, key: str) -> None:
         raise BadValue(key, f"pixel dtype {arr.dtype} is not numeric")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = arr[~np.isfinite(arr)].flat[0]
-        raise BadValue(key, f"non-finite pixel value {bad!r}")
+        raise BadValue(key, f"non-finite pixel value {float(bad)}")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -0.5 or hi > 255.5:
         raise BadValue(key, f"pixel values span {lo:g}..{hi:g}, outside 0..255")
@@ -51,9 +51,12 @@ def _resize_uint8(x: Tensor, size: int) -> Tensor:
     else:
         shrink = x.shape[-2] > size or x.shape[-1] > size
         out = F.interpolate(
-            x.float()[None], size=(size, size), mode="bilinear", align_corners=False,
+            x.float()[None],
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
             antialias=shrink,
-        )[0]  # fmt: skip
+        )[0]
     if out.dtype == torch.uint8:
         return out.contiguous()
     return out.round_().clamp_(0, 255).to(torch.uint8)

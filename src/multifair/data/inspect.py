@@ -1,0 +1,388 @@
+"""`multifair data inspect ROOT`: what a dataset holds and everything wrong with it.
+
+Reads one file at a time (scalars and array headers; `deep=True` also decodes every array),
+so a 10,000-subject tree is inspected without loading it into memory. Reports counts per
+split, label balance per attribute group, the shapes and dtypes seen, and every problem
+found (per file: each missing key, bad value or unreadable member).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from multifair.data.config import SPLITS, DataConfig, load_data_config
+from multifair.data.formats import (
+    ATTRIBUTE_KEYS,
+    ATTRIBUTES,
+    GROUP_NAMES,
+    BadFile,
+    BadValue,
+    NpzReader,
+    attribute_code,
+    csv_stem,
+    label_value,
+    read_csv,
+    split_folders,
+    subject_files,
+)
+from multifair.data.transforms import fundus_uint8, oct_uint8
+from multifair.errors import UserError
+
+
+def detect_kind(root: Path) -> str:
+    """fairvision or fairvlmed, from the first npz's keys (OCT volume vs note)."""
+    from multifair.data.fairvision import _child
+
+    candidates = [root]
+    for name in ("Glaucoma", "Dataset"):
+        child = _child(root, name)
+        if child is not None:
+            candidates += [child, _child(child, "Dataset")]
+    for base in candidates:
+        if base is None:
+            continue
+        for folder in split_folders(base).values():
+            for path in subject_files(folder)[:1]:
+                try:
+                    with NpzReader(path) as z:
+                        if z.has("oct_bscans"):
+                            return "fairvision"
+                        if z.has("note"):
+                            return "fairvlmed"
+                except BadFile:
+                    continue
+    raise UserError(
+        f"{root}: cannot tell the dataset kind (no readable data_xxxxx.npz with oct_bscans or "
+        "note in a split folder); pass --kind"
+    )
+
+
+def _inspect_file(
+    path: Path, fmt: Any, label_key: str, deep: bool, image_size: int, slices: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One file's label, codes, array headers; every problem found (not only the first)."""
+    problems: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"label": None, "codes": {}, "arrays": {}}
+
+    def problem(key: str | None, message: str) -> None:
+        problems.append({"file": str(path), "key": key, "problem": message})
+
+    try:
+        z = NpzReader(path)
+    except BadFile as exc:
+        problem(None, exc.message)
+        return info, problems
+    with z:
+        if not z.has(label_key):
+            problem(label_key, "missing key")
+        else:
+            try:
+                info["label"] = label_value(z.scalar(label_key), label_key)
+            except (BadFile, BadValue) as exc:
+                problem(label_key, exc.message)
+        for attribute in ATTRIBUTES:
+            key = z.first_key(ATTRIBUTE_KEYS[attribute])
+            if key is None:
+                continue
+            try:
+                info["codes"][attribute] = attribute_code(attribute, z.scalar(key), key)
+            except (BadFile, BadValue) as exc:
+                problem(key, exc.message)
+        for kind, key in fmt.modalities.values():
+            if kind == "text":
+                if not z.has("note"):
+                    problem("note", "missing key")
+                    continue
+                try:
+                    shape, dtype = z.header("note")
+                    if dtype.kind not in "US":
+                        problem("note", f"expected a string, got dtype {dtype}")
+                    else:
+                        info["note_len"] = len(str(z.scalar("note")).strip())
+                except BadFile as exc:
+                    problem("note", exc.message)
+                continue
+            if not z.has(key):
+                problem(key, "missing key")
+                continue
+            try:
+                shape, dtype = z.header(key)
+            except BadFile as exc:
+                problem(key, exc.message)
+                continue
+            info["arrays"][key] = (tuple(shape), str(dtype))
+            from multifair.data.subjects import _check_header
+
+            bad = _check_header(kind, shape, dtype)
+            if bad:
+                problem(key, bad)
+                continue
+            if deep:
+                try:
+                    arr = z.array(key)
+                    if kind == "image":
+                        fundus_uint8(arr, image_size, key)
+                    else:
+                        oct_uint8(arr, slices, image_size, key)
+                except BadFile as exc:
+                    problem(key, exc.message)
+                except BadValue as exc:
+                    problem(key, exc.message)
+    return info, problems
+
+
+def inspect_tree(
+    root: Path,
+    kind: str | None = None,
+    deep: bool = False,
+    splits: Sequence[str] = SPLITS,
+    disease: str = "Glaucoma",
+    label_key: str = "glaucoma",
+    image_size: int = 224,
+    oct_slices: int = 10,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Inspect a FairVision/FairVLMed tree. Returns a JSON-able report."""
+    from multifair.data import fairvision, fairvlmed
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    kind = kind or detect_kind(root)
+    report: dict[str, Any] = {"kind": kind, "root": str(root), "splits": {}, "problems": []}
+    # locate without failing on empty/missing splits: inspect reports them as problems
+    if kind == "fairvision":
+        disease_dir = fairvision._child(root, disease)
+        candidates = [
+            fairvision._child(disease_dir, "Dataset") if disease_dir else None,
+            disease_dir,
+            fairvision._child(root, "Dataset"),
+            root,
+        ]
+        fmt = fairvision.FORMAT
+    else:
+        candidates = [root, fairvision._child(root, "Dataset")]
+        fmt = fairvlmed.FORMAT
+    base = next((b for b in candidates if b is not None and split_folders(b)), None)
+    if base is None:
+        raise UserError(f"{root}: no split folders (Training/Validation/Test or train/val/test)")
+    folders = split_folders(base)
+    report["base"] = str(base)
+    try:
+        located = (
+            fairvision.locate(root, disease, [s for s in splits if s in folders])
+            if kind == "fairvision"
+            else fairvlmed.locate(root, [s for s in splits if s in folders])
+        )
+        report["csvs"] = {k: str(v) for k, v in located.csvs.items()}
+    except UserError as exc:
+        report["csvs"] = {}
+        report["problems"].append({"file": str(base), "key": None, "problem": str(exc)})
+    shapes: Counter[str] = Counter()
+    labels_by_id: dict[str, int] = {}
+    for split in splits:
+        if split not in folders:
+            report["problems"].append(
+                {"file": str(base), "key": None, "problem": f"no {split} split folder"}
+            )
+            continue
+        files = subject_files(folders[split])
+        entry: dict[str, Any] = {
+            "folder": str(folders[split]),
+            "files": len(files),
+            "readable": 0,
+            "positives": 0,
+            "negatives": 0,
+            "attributes": {},
+        }
+        if not files:
+            report["problems"].append(
+                {"file": str(folders[split]), "key": None, "problem": "empty split folder"}
+            )
+        groups: dict[str, Counter[tuple[int, int]]] = {a: Counter() for a in ATTRIBUTES}
+        notes = Counter()
+        for path in tqdm(files, desc=f"inspect {split}", disable=not progress, leave=False):
+            info, problems = _inspect_file(path, fmt, label_key, deep, image_size, oct_slices)
+            report["problems"].extend(problems)
+            for key, (shape, dtype) in info["arrays"].items():
+                shapes[f"{key} {list(shape)} {dtype}"] += 1
+            if "note_len" in info:
+                notes[
+                    "empty (-> fallback)"
+                    if info["note_len"] == 0
+                    else "short <10 (-> fallback)"
+                    if info["note_len"] < 10
+                    else "ok"
+                ] += 1
+            if problems:
+                continue
+            entry["readable"] += 1
+            y = info["label"]
+            labels_by_id[path.stem] = y
+            entry["positives" if y == 1 else "negatives"] += 1
+            for a, code in info["codes"].items():
+                groups[a][(code, y)] += 1
+        for a, counts in groups.items():
+            if not counts:
+                continue
+            table = {}
+            for code in sorted({c for c, _ in counts}):
+                name = GROUP_NAMES[a].get(code, "unknown")
+                n_pos, n_neg = counts[(code, 1)], counts[(code, 0)]
+                table[name] = {"n": n_pos + n_neg, "positives": n_pos}
+            entry["attributes"][a] = table
+        if notes:
+            entry["notes"] = dict(notes)
+        report["splits"][split] = entry
+    report["shapes"] = dict(shapes)
+    csv_path = report.get("csvs", {}).get("summary")
+    if csv_path:
+        report["csv"] = _check_csv(Path(csv_path), labels_by_id, kind)
+    return report
+
+
+def _check_csv(path: Path, labels: dict[str, int], kind: str) -> dict[str, Any]:
+    frame = read_csv(path)
+    out: dict[str, Any] = {"file": str(path), "rows": len(frame)}
+    if "filename" not in frame.columns:
+        out["problem"] = f"column 'filename' not found (columns: {list(frame.columns)})"
+        return out
+    stems = [csv_stem(f) for f in frame["filename"]]
+    out["npz_without_row"] = len(set(labels) - set(stems))
+    if "age" in frame.columns:
+        ages = []
+        for raw in frame["age"]:
+            try:
+                ages.append(float(raw))
+            except ValueError:
+                ages.append(math.nan)
+        out["age_missing"] = int(np.isnan(np.asarray(ages)).sum())
+    if "glaucoma" in frame.columns:
+        disagree = 0
+        for stem, raw in zip(stems, frame["glaucoma"]):
+            try:
+                if stem in labels and label_value(raw, "glaucoma") != labels[stem]:
+                    disagree += 1
+            except BadValue:
+                disagree += 1
+        out["label_disagrees_with_npz"] = disagree
+    return out
+
+
+def inspect_table(cfg: DataConfig) -> dict[str, Any]:
+    """Inspect a table config: columns as read, split sizes, label balance, bad rows."""
+    from multifair.data import build_data
+    from multifair.data.table import _column_type, _frames
+
+    frame, _, source, _ = _frames(cfg, SPLITS)
+    report: dict[str, Any] = {
+        "kind": "table",
+        "root": source,
+        "rows": len(frame),
+        "splits": {},
+        "columns": {},
+        "problems": [],
+    }
+    for m, mod in cfg.columns.items():
+        for c in mod.columns if mod.kind == "tabular" else [mod.column]:
+            if c in frame.columns:
+                report["columns"][c] = {
+                    "modality": m,
+                    "type": _column_type(frame[c], c in mod.categorical),
+                    "missing": int(frame[c].isna().sum()),
+                }
+    bundle = build_data(cfg.model_copy(update={"skip_bad": True}))
+    report["problems"] = list(bundle.skipped)
+    for split, ds in bundle.datasets.items():
+        y = bundle.labels(split)
+        entry: dict[str, Any] = {
+            "files": len(ds),
+            "readable": len(ds),
+            "positives": int(y.sum()),
+            "negatives": int((y == 0).sum()),
+            "attributes": {},
+        }
+        for a in bundle.attributes:
+            codes = bundle.groups(split, a)
+            table = {}
+            for code in sorted(set(codes.tolist())):
+                sel = codes == code
+                name = bundle.group_names[a].get(code, "unknown")
+                table[name] = {"n": int(sel.sum()), "positives": int(y[sel].sum())}
+            entry["attributes"][a] = table
+        report["splits"][split] = entry
+    report["shapes"] = {m: f"{s.kind} {list(s.shape)}" for m, s in bundle.modalities.items()}
+    return report
+
+
+def inspect_path(
+    path: str | Path, kind: str | None = None, deep: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """A dataset folder, or a YAML data config (any kind)."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_data_config(p)
+        if cfg.kind == "table":
+            return inspect_table(cfg)
+        assert cfg.root is not None
+        return inspect_tree(
+            cfg.root,
+            cfg.kind,
+            deep,
+            disease=cfg.disease,
+            label_key=cfg.label_key,
+            image_size=cfg.image_size,
+            oct_slices=cfg.oct_slices,
+            progress=progress,
+        )
+    return inspect_tree(p, kind, deep, progress=progress)
+
+
+def format_report(report: dict[str, Any], max_problems: int = 20) -> str:
+    """Human-readable lines."""
+    lines = [f"{report['kind']}: {report['root']}"]
+    if report.get("base"):
+        lines.append(f"  split folders under {report['base']}")
+    for name, file in report.get("csvs", {}).items():
+        lines.append(f"  csv ({name}): {file}")
+    for split, e in report["splits"].items():
+        total = e["positives"] + e["negatives"]
+        rate = e["positives"] / total if total else float("nan")
+        lines.append(
+            f"{split}: {e['files']} files, {e['readable']} usable, "
+            f"{e['positives']} positive ({rate:.1%})"
+        )
+        for a, table in e["attributes"].items():
+            parts = [
+                f"{g} {v['n']} ({v['positives'] / v['n']:.0%} pos)" if v["n"] else f"{g} 0"
+                for g, v in table.items()
+            ]
+            lines.append(f"  {a}: " + ", ".join(parts))
+        if e.get("notes"):
+            lines.append(f"  notes: {e['notes']}")
+    if report.get("shapes"):
+        lines.append("shapes and dtypes:")
+        lines.extend(f"  {k}: {v}" for k, v in report["shapes"].items())
+    if report.get("columns"):
+        lines.append("columns:")
+        lines.extend(
+            f"  {c}: {v['modality']}, {v['type']}, {v['missing']} missing"
+            for c, v in report["columns"].items()
+        )
+    if report.get("csv"):
+        lines.append(f"csv check: {report['csv']}")
+    problems = report["problems"]
+    lines.append(f"problems: {len(problems)}")
+    for p in problems[:max_problems]:
+        key = f" key {p['key']!r}" if p.get("key") else ""
+        lines.append(f"  {p['file']}{key}: {p['problem']}")
+    if len(problems) > max_problems:
+        lines.append(f"  ... {len(problems) - max_problems} more (see --json)")
+    return "\n".join(lines)
