@@ -169,5 +169,5 @@ def test_worker_errors_reach_the_main_process(tree: Path):
     _rewrite(path, slo_fundus=fundus)
     bundle = build_data(_cfg(tree), ["train"])
     loader = make_loader(bundle, "train", batch_size=64, num_workers=1)
-    with pytest.raises(UserError, match="outside 0..255"):
+    with pytest.raises(UserError, match=r"outside 0\.\.255"):
         list(loader)

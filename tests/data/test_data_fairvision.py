@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from datahelpers import make_tree, meta_by_id
 
 from multifair.data import DataConfig, build_data, make_loader
 from multifair.data.formats import GROUP_NAMES
-
-from datahelpers import make_tree, meta_by_id
 
 
 def _check_against_npz(bundle, meta, k: int = 3) -> None:
@@ -32,7 +31,9 @@ def _check_against_npz(bundle, meta, k: int = 3) -> None:
             with np.load(ds.records.paths[i], allow_pickle=False) as z:
                 fundus, volume = z["slo_fundus"], z["oct_bscans"]
             assert sample["fundus"].dtype == torch.uint8 and sample["fundus"].shape == (1, 16, 16)
-            np.testing.assert_array_equal(sample["fundus"][0].numpy(), np.clip(np.round(fundus), 0, 255))
+            np.testing.assert_array_equal(
+                sample["fundus"][0].numpy(), np.clip(np.round(fundus), 0, 255)
+            )
             idx = [int(x) for x in np.linspace(0, volume.shape[0] - 1, bundle.config.oct_slices)]
             np.testing.assert_array_equal(sample["oct"].numpy(), volume[idx])
 
@@ -48,7 +49,9 @@ def _check_against_npz(bundle, meta, k: int = 3) -> None:
         ("dataset", "Testing", "uint8", "legacy", False),
     ],
 )
-def test_every_layout_and_dtype_reads_back(tmp_path: Path, layout, test_name, fundus_dtype, race_codes, compress):
+def test_every_layout_and_dtype_reads_back(
+    tmp_path: Path, layout, test_name, fundus_dtype, race_codes, compress
+):
     meta = make_tree(tmp_path, layout=layout, test_name=test_name, fundus_dtype=fundus_dtype,
                      race_codes=race_codes, compress=compress, csv_bom=compress, seed=3)  # fmt: skip
     cfg = DataConfig(kind="fairvision", root=tmp_path, image_size=16, oct_slices=4, num_workers=0)
@@ -63,7 +66,9 @@ def test_every_layout_and_dtype_reads_back(tmp_path: Path, layout, test_name, fu
 
 def test_root_may_point_at_the_disease_folder(fairvision_tree):
     root, meta = fairvision_tree
-    bundle = build_data(DataConfig(kind="fairvision", root=root / "Glaucoma", image_size=16, oct_slices=5))
+    bundle = build_data(
+        DataConfig(kind="fairvision", root=root / "Glaucoma", image_size=16, oct_slices=5)
+    )
     _check_against_npz(bundle, meta, k=1)
 
 
@@ -81,7 +86,9 @@ def test_attribute_vocabulary_and_keys(fairvision_tree):
 
 def test_modality_specs_and_resize(fairvision_tree):
     root, _ = fairvision_tree
-    bundle = build_data(DataConfig(kind="fairvision", root=root, image_size=24, oct_slices=3), ["val"])
+    bundle = build_data(
+        DataConfig(kind="fairvision", root=root, image_size=24, oct_slices=3), ["val"]
+    )
     spec = bundle.modalities
     assert spec["fundus"].kind == "image" and spec["fundus"].shape == (3, 24, 24)
     assert spec["fundus"].stored_shape == (1, 24, 24)
@@ -91,7 +98,9 @@ def test_modality_specs_and_resize(fairvision_tree):
     # bilinear upsizing keeps the mean brightness
     with np.load(bundle.datasets["val"].records.paths[0]) as z:
         assert abs(sample["fundus"].float().mean().item() - float(z["slo_fundus"].mean())) < 2.0
-    only = build_data(DataConfig(kind="fairvision", root=root, modalities=["oct"], image_size=16), ["val"])
+    only = build_data(
+        DataConfig(kind="fairvision", root=root, modalities=["oct"], image_size=16), ["val"]
+    )
     assert list(only.modalities) == ["oct"] and "fundus" not in only.datasets["val"][0]
 
 
@@ -113,7 +122,9 @@ def test_unknown_policy(tmp_path: Path):
 
 def test_degenerate_group_is_single_class(tmp_path: Path):
     make_tree(tmp_path, degenerate="gender=1", seed=2)
-    bundle = build_data(DataConfig(kind="fairvision", root=tmp_path, attribute="gender", image_size=16))
+    bundle = build_data(
+        DataConfig(kind="fairvision", root=tmp_path, attribute="gender", image_size=16)
+    )
     for split in bundle.datasets:
         y, g = bundle.labels(split), bundle.groups(split)
         assert (y[g == 1] == 0).all() and (g == 1).any()

@@ -62,7 +62,9 @@ def test_notes_from_csv_and_summaries(fairvlmed_tree, tmp_path: Path):
     assert [from_npz[i]["note"] for i in range(len(from_npz))] == [
         from_csv[i]["note"] for i in range(len(from_csv))
     ]
-    summary = build_data(DataConfig(kind="fairvlmed", root=root, note="summary", image_size=16), ["train"])
+    summary = build_data(
+        DataConfig(kind="fairvlmed", root=root, note="summary", image_size=16), ["train"]
+    )
     assert summary.config.note_from == "csv"
     table = pd.read_csv(root / "gpt-4_summarized_notes.csv", keep_default_na=False)
     by_id = {f[:-4]: s for f, s in zip(table["filename"], table["summary"])}
@@ -76,13 +78,17 @@ def test_notes_from_csv_and_summaries(fairvlmed_tree, tmp_path: Path):
     (other / "ReadMe").mkdir()
     (other / "gpt-4_summarized_notes.csv").rename(other / "ReadMe" / "gpt4_summarized_notes.csv")
     (other / "data_summary.csv").unlink()
-    again = build_data(DataConfig(kind="fairvlmed", root=other, note="summary", image_size=16), ["train"])
+    again = build_data(
+        DataConfig(kind="fairvlmed", root=other, note="summary", image_size=16), ["train"]
+    )
     assert again.datasets["train"][0]["note"] == ds[0]["note"]
 
 
 def test_text_batches_are_lists(fairvlmed_tree):
     root, _ = fairvlmed_tree
-    bundle = build_data(DataConfig(kind="fairvlmed", root=root, image_size=16, num_workers=0), ["val"])
+    bundle = build_data(
+        DataConfig(kind="fairvlmed", root=root, image_size=16, num_workers=0), ["val"]
+    )
     batch = next(iter(make_loader(bundle, "val", batch_size=4)))
     assert isinstance(batch["note"], list) and all(isinstance(t, str) for t in batch["note"])
     assert batch["fundus"].dtype == torch.uint8 and batch["fundus"].shape == (4, 1, 16, 16)
