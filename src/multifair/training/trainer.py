@@ -418,11 +418,15 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     meter = WindowMeter(modalities)
     gather = distributed.make_gather(env)
     scale = (lambda t: scaler.scale(t / tc.accumulate)) if tc.accumulate > 1 else scaler.scale
+    # what epoch hooks may read: the training batches (PMR prototypes) and the training
+    # split's samples per group of the training attribute (group reweighting)
+    train_codes = data.groups("train")
     extras = {
         "train_loader": train_loader,
         "to_device": to_device,
         "device": device,
         "amp_dtype": amp_dtype,
+        "group_counts": np.bincount(train_codes[train_codes >= 0], minlength=n_groups)[:n_groups],
     }
     make_ctx = lambda epoch, step: StepContext(  # noqa: E731
         step=step,
