@@ -21,11 +21,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "benchmark",
         help="run a methods x seeds x attributes matrix and tabulate it",
+        usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--n-boot N] [--no-report]\n"
+        "       multifair benchmark collect DIR [--n-boot N] [--no-report]",
         description="Run a benchmark matrix as separate training processes (resumable), then "
         "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
         "Forms: `benchmark CONFIG`, `benchmark run CONFIG`, `benchmark collect DIR`.",
     )
-    p.add_argument("target", nargs="+", metavar="[run|collect] CONFIG|DIR")
+    p.add_argument("target", nargs="+", metavar="ARG", help="CONFIG, `run CONFIG` or `collect DIR`")
     p.add_argument("--plan", action="store_true", help="print one command line per run and exit")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (overrides config)")
     p.add_argument(
