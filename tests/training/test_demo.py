@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from multifair.cli import main
 from multifair.config import load_yaml
-from multifair.training.demo import DEMO_CONFIG, DEMO_KNOBS, ensure_data, run_demo
+from multifair.training.demo import DEMO_CONFIG, DEMO_KNOBS, ensure_data
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -21,9 +22,11 @@ def test_embedded_demo_settings_are_configs_demo_yaml():
 
 
 def test_demo_trains_both_methods_and_prints_them_side_by_side(tmp_path, capsys):
+    """Through `multifair.cli.main`, on a smaller generated FairVision-format dataset."""
     knobs = {**DEMO_KNOBS, "n": 240}
-    args = ["train.epochs=1", "train.progress=false", "output.n_boot=20"]
-    assert run_demo(cache=str(tmp_path / "cache"), out=str(tmp_path / "runs"), overrides=args, knobs=knobs) == 0  # fmt: skip
+    args = ["demo", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"),
+            "--subjects", "240", "train.epochs=1", "train.progress=false", "output.n_boot=20"]  # fmt: skip
+    assert main(args) == 0
     out = capsys.readouterr().out
     table = out[out.index("test split") :]
     metrics = {m: json.loads((tmp_path / "runs" / m / "metrics.json").read_text()) for m in ("erm", "multifair")}  # fmt: skip

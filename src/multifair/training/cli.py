@@ -73,6 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--cache", metavar="DIR", help="where the synthetic data is kept")
     d.add_argument("--out", metavar="DIR", help="where the two run directories go")
+    d.add_argument("--subjects", type=int, default=None, metavar="N",
+                   help="patients to generate (default 1000; fewer is faster and noisier)")  # fmt: skip
     d.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=2")
     d.set_defaults(func=run_demo)
 
@@ -167,6 +169,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from multifair.training.demo import DEMO_KNOBS
     from multifair.training.demo import run_demo as demo
 
-    return demo(cache=args.cache, out=args.out, overrides=args.overrides)
+    if args.subjects is not None and args.subjects < 100:
+        raise UserError(
+            f"--subjects {args.subjects}: use at least 100 (every split needs every group)"
+        )
+    knobs = DEMO_KNOBS if args.subjects is None else {**DEMO_KNOBS, "n": args.subjects}
+    return demo(cache=args.cache, out=args.out, overrides=args.overrides, knobs=knobs)
