@@ -17,6 +17,7 @@ import yaml
 from multifair.config import parse_overrides
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_tables as bt
 
 BASE = {"data": {"kind": "table", "path": "sklearn:diabetes"}, "method": {"name": "erm"}}
 
@@ -149,14 +150,14 @@ def test_synthetic_dataset_is_generated_once_and_feeds_the_data_section(tmp_path
     generated = yaml.safe_load((tmp_path / "gen" / "table.yaml").read_text())["data"]
     assert erm["data"] == {**generated, "unknown": "drop"}  # + the benchmark's override
     assert erm["train"] == {"epochs": 1} and erm["method"] == {"name": "erm"}
-    best = bm.read_synth_meta(meta, "race")
+    best = bt.read_synth_meta(meta, "race")
     assert set(best) == {
         "best achievable (all modalities)",
         "best achievable (A alone)",
         "best achievable (B alone)",
     }
     assert 0.5 < best["best achievable (all modalities)"]["auc/White"] <= 1
-    assert bm.read_synth_meta(meta, "sex") is None  # the latents are drawn per race group
+    assert bt.read_synth_meta(meta, "sex") is None  # the latents are drawn per race group
 
 
 def test_entry_config_keeps_method_params_only_for_the_same_method(tmp_path):
@@ -211,7 +212,7 @@ def test_config_errors_name_the_key(tmp_path):
 def test_paired_difference_matches_a_hand_computation():
     row = {0: 0.80, 1: 0.75, 2: 0.71, 3: 0.90, 7: 0.5}
     ref = {0: 0.79, 1: 0.72, 2: 0.72, 3: 0.88, 9: 0.1}  # seeds 7 and 9 are unpaired
-    p = bm.paired_difference(row, ref)
+    p = bt.paired_difference(row, ref)
     diffs = [0.01, 0.03, -0.01, 0.02]
     mean = sum(diffs) / 4  # 0.0125
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
@@ -221,9 +222,9 @@ def test_paired_difference_matches_a_hand_computation():
     assert p.mean == pytest.approx(0.0125)
     assert p.lo == pytest.approx(mean - t975_3df * sd / 2)
     assert p.hi == pytest.approx(mean + t975_3df * sd / 2)
-    one = bm.paired_difference({0: 0.8}, {0: 0.7})
+    one = bt.paired_difference({0: 0.8}, {0: 0.7})
     assert one.n == 1 and one.mean == pytest.approx(0.1) and math.isnan(one.lo)
-    assert bm.paired_difference({0: math.nan}, {0: 0.7}).n == 0
+    assert bt.paired_difference({0: math.nan}, {0: 0.7}).n == 0
 
 
 # ---- collection and tables ----------------------------------------------------------------------
@@ -273,7 +274,7 @@ def test_tables_match_the_runs_metrics(tmp_path, make_run_dir):
     _, out_dir = populate(tmp_path, make_run_dir)
     collection = bm.collect(out_dir)
     assert len(collection.finished) == 9 and not collection.missing
-    (table,) = bm.build_tables(collection, n_boot=50)
+    (table,) = bt.build_tables(collection, n_boot=50)
     assert (table.dataset, table.attribute) == ("synth", "race")
     assert table.groups == ["white", "black", "asian"]
     rows = {r.label: r for r in table.rows}
@@ -321,11 +322,11 @@ def test_tables_match_the_runs_metrics(tmp_path, make_run_dir):
 def test_markdown_csv_json_outputs(tmp_path, make_run_dir):
     _, out_dir = populate(tmp_path, make_run_dir)
     collection = bm.collect(out_dir)
-    tables = bm.build_tables(collection, n_boot=20)
-    paths = bm.write_results(tables, collection)
+    tables = bt.build_tables(collection, n_boot=20)
+    paths = bt.write_results(tables, collection)
     md = paths["markdown"].read_text()
     assert "## synth / race" in md
-    assert f"fin {bm.ATTRIBUTE_MARK}" in md and "uses the sensitive attribute at test time" in md
+    assert f"fin {bt.ATTRIBUTE_MARK}" in md and "uses the sensitive attribute at test time" in md
     assert "oct only (reference)" in md
     assert "| best achievable (all modalities) | 0.950 |  |  | 0.970 | 0.820 | 0.810 |" in md
     assert "| best achievable (B alone) |  |  |  | 0.800 | 0.800 | 0.760 |" in md
@@ -352,10 +353,10 @@ def test_collect_reports_missing_and_failed_runs(tmp_path, make_run_dir):
     collection = bm.collect(out_dir)
     assert [r.run_id for r in collection.missing] == ["synth/race/fin/seed2"]
     assert collection.failed[0][1].endswith("RuntimeError: boom")
-    (table,) = bm.build_tables(collection, n_boot=0)
+    (table,) = bt.build_tables(collection, n_boot=0)
     fin = next(r for r in table.rows if r.label == "fin")
     assert fin.seeds == [0, 1] and fin.paired["auc"].n == 2 and fin.ci == {}
-    md = bm.to_markdown([table], collection)
+    md = bt.to_markdown([table], collection)
     assert "8 of 9 runs finished; 1 missing (1 failed)" in md and "RuntimeError: boom" in md
 
 

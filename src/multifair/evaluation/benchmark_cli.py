@@ -15,6 +15,7 @@ from pathlib import Path
 
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_tables as bt
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -100,12 +101,12 @@ def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
     """Print the tables, write results/ and the report; say what is missing or failed."""
     from multifair.evaluation.report import write_report
 
-    tables = bm.build_tables(collection, n_boot=args.n_boot)
-    bm.print_tables(tables)
-    paths = bm.write_results(tables, collection)
-    print(f"{bm._status_line(collection)}", file=sys.stderr)
+    tables = bt.build_tables(collection, n_boot=args.n_boot)
+    bt.print_tables(tables)
+    paths = bt.write_results(tables, collection)
+    print(f"{bt.status_line(collection)}", file=sys.stderr)
     for run, err in collection.failed:
-        print(f"FAILED {run.run_id}:\n{bm._indent(err)}", file=sys.stderr)
+        print(f"FAILED {run.run_id}:\n{bm.indent(err)}", file=sys.stderr)
     print(f"tables: {paths['markdown']}, {paths['csv']}, {paths['json']}", file=sys.stderr)
     if not args.no_report:
         report = write_report(collection.out_dir, collection=collection, tables=tables)

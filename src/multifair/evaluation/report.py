@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_tables as bt
 from multifair.evaluation.diagnostics import Finding, RunLog, diagnose, read_log
 
 # Per-modality step signals plotted as "modulation factors" (docs/architecture.md, log.jsonl).
@@ -242,7 +243,7 @@ def _style(i: int) -> dict[str, Any]:
     return {"color": f"C{i % 10}", "marker": _MARKERS[(i // 10) % len(_MARKERS)]}
 
 
-def scatter_figure(table: bm.Table) -> str | None:
+def scatter_figure(table: bt.Table) -> str | None:
     """Fairness vs AUC of every row, mean with ± std error bars over seeds. Reference rows
     (single-modality models) are horizontal dotted lines, so they do not stretch the axes."""
     rows = [r for r in table.rows if math.isfinite(r.mean.get("auc", math.nan))]
@@ -276,15 +277,15 @@ def _nan0(value: float | None) -> float:
     return value if value is not None and math.isfinite(value) else 0.0
 
 
-def paired_figure(table: bm.Table) -> str | None:
+def paired_figure(table: bt.Table) -> str | None:
     """Forest plot of the paired differences to the reference, one panel per metric."""
     rows = [r for r in table.rows if r.paired]
     if not rows:
         return None
     fig, axes = _subplots(
-        1, len(bm.PAIRED_METRICS), figsize=(4 * len(bm.PAIRED_METRICS), 0.45 * len(rows) + 1.4)
+        1, len(bt.PAIRED_METRICS), figsize=(4 * len(bt.PAIRED_METRICS), 0.45 * len(rows) + 1.4)
     )
-    for ax, metric in zip(axes, bm.PAIRED_METRICS):
+    for ax, metric in zip(axes, bt.PAIRED_METRICS):
         for i, row in enumerate(rows):
             p = row.paired[metric]
             ax.plot(p.diffs, [i] * len(p.diffs), "|", color="grey", ms=8)
@@ -294,7 +295,7 @@ def paired_figure(table: bm.Table) -> str | None:
                 ax.plot(p.mean, i, "o")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_yticks(range(len(rows)), [r.variant for r in rows] if metric == "auc" else [])
-        ax.set(xlabel=f"Δ {bm.METRIC_NAMES[metric]}", title=bm.METRIC_NAMES[metric])
+        ax.set(xlabel=f"Δ {bt.METRIC_NAMES[metric]}", title=bt.METRIC_NAMES[metric])
         ax.invert_yaxis()
     fig.suptitle(
         f"paired difference to {table.reference} (mean, 95% t-interval; ticks = seeds)",
@@ -303,7 +304,7 @@ def paired_figure(table: bm.Table) -> str | None:
     return _png(fig)
 
 
-def sweep_figures(table: bm.Table) -> list[str]:
+def sweep_figures(table: bt.Table) -> list[str]:
     """Each metric against the swept value: one figure per swept key, one line per entry."""
     keys = list(dict.fromkeys(r.sweep_key for r in table.rows if r.sweep_key is not None))
     reference = next(
@@ -330,7 +331,7 @@ def sweep_figures(table: bm.Table) -> list[str]:
                 ax.axhline(
                     reference.mean[metric], color="grey", ls="--", lw=1, label=reference.label
                 )
-            ax.set(xlabel=str(key), title=bm.METRIC_NAMES[metric])
+            ax.set(xlabel=str(key), title=bt.METRIC_NAMES[metric])
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7)
         fig.suptitle(
@@ -469,9 +470,9 @@ def render_run_report(run_dir: str | Path) -> str:
 # ============================================================================================
 # Benchmark report
 # ============================================================================================
-def _table_html(table: bm.Table) -> str:
+def _table_html(table: bt.Table) -> str:
     parts = []
-    for i, (title, header, rows, notes) in enumerate(bm.table_blocks(table)):
+    for i, (title, header, rows, notes) in enumerate(bt.table_blocks(table)):
         parts.append(f"<h3>{_esc(title)}</h3>" if i else "")
         parts.append(_table(header, rows))
         parts.extend(f'<p class="note">{_esc(n)}</p>' for n in notes if n)
@@ -482,15 +483,15 @@ def render_benchmark_report(
     out_dir: str | Path,
     *,
     collection: bm.Collection | None = None,
-    tables: Sequence[bm.Table] | None = None,
+    tables: Sequence[bt.Table] | None = None,
     n_boot: int | None = None,
 ) -> str:
     """The HTML report of a benchmark directory (whatever has finished). Pass `collection`
     and `tables` when they are already built, to avoid a second bootstrap."""
     collection = collection or bm.collect(out_dir)
     if tables is None:
-        tables = bm.build_tables(collection, n_boot=n_boot)
-    body = [f"<p>{_esc(bm._status_line(collection))}. Config: <code>benchmark.yaml</code>.</p>"]
+        tables = bt.build_tables(collection, n_boot=n_boot)
+    body = [f"<p>{_esc(bt.status_line(collection))}. Config: <code>benchmark.yaml</code>.</p>"]
     if not tables:
         body.append("<p>No finished runs yet.</p>")
     for table in tables:
@@ -560,7 +561,7 @@ def write_report(
     out: str | Path | None = None,
     *,
     collection: bm.Collection | None = None,
-    tables: Sequence[bm.Table] | None = None,
+    tables: Sequence[bt.Table] | None = None,
     n_boot: int | None = None,
 ) -> Path:
     """Write `report.html` for a run directory or a benchmark directory; returns its path."""

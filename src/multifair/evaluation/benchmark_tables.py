@@ -1,0 +1,585 @@
+"""The tables of a benchmark: one per dataset x attribute, from its finished runs.
+
+Rows = method entries (at each sweep value); columns = AUC, ES-AUC, ES-ACC, each group's AUC,
+DPD, DEOdds as mean ± std over seeds, plus percentile bootstrap CIs of the seeds' pooled test
+predictions (`multifair.metrics.summarize`), time per step and peak memory; and the PAIRED
+difference of each row to the reference row (default `erm`) by seed, with a 95% t-interval, for
+AUC, ES-AUC and the worst group's AUC. Rendered for the terminal (rich), Markdown, CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from multifair.errors import UserError
+from multifair.evaluation.benchmark import Collection, RunRecord
+
+METRIC_NAMES = {
+    "auc": "AUC",
+    "es_auc": "ES-AUC",
+    "es_acc": "ES-ACC",
+    "dpd": "DPD",
+    "deodds": "DEOdds",
+    "worst_auc": "worst-group AUC",
+}
+# The metrics compared to the reference, paired by seed.
+PAIRED_METRICS = ("auc", "es_auc", "worst_auc")
+ATTRIBUTE_MARK = "†"  # methods that read the sensitive attribute at test time
+
+
+@dataclass
+class Paired:
+    """Paired difference (row - reference) over the seeds both have."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    diffs: list[float]
+
+
+def paired_difference(values: Mapping[int, float], reference: Mapping[int, float]) -> Paired:
+    """Mean of per-seed differences with a 95% t-interval (NaN bounds for fewer than 2 seeds).
+
+    Seeds present in only one of the two, or with a NaN metric, are left out.
+    """
+    from scipy import stats
+
+    seeds = sorted(
+        s
+        for s in set(values) & set(reference)
+        if math.isfinite(values[s]) and math.isfinite(reference[s])
+    )
+    diffs = np.asarray([values[s] - reference[s] for s in seeds], dtype=float)
+    n = diffs.size
+    if n == 0:
+        return Paired(math.nan, math.nan, math.nan, 0, [])
+    mean = float(diffs.mean())
+    if n < 2:
+        return Paired(mean, math.nan, math.nan, 1, diffs.tolist())
+    half = float(stats.t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+    return Paired(mean, mean - half, mean + half, n, diffs.tolist())
+
+
+def run_values(metrics: Mapping[str, Any], attribute: str) -> dict[str, float]:
+    """The table's numbers for one run, from its metrics.json test summary."""
+    test = metrics["test"]
+    block = (test.get("attributes") or {}).get(attribute)
+    if block is None:
+        raise UserError(
+            f"metrics.json has no attribute {attribute!r} in its test summary "
+            f"(has {sorted(test.get('attributes') or {})})"
+        )
+    values = {
+        "auc": _num(test["overall"].get("auc")),
+        "es_auc": _num(block.get("es_auc")),
+        "es_acc": _num(block.get("es_acc")),
+        "dpd": _num(block.get("dpd")),
+        "deodds": _num(block.get("deodds")),
+        "time_per_step_s": _num(metrics.get("time_per_step_s")),
+        "peak_memory_mb": _num(metrics.get("peak_memory_bytes")) / 2**20,
+    }
+    group_aucs = []
+    for group in block.get("groups") or []:
+        auc = _num(group.get("auc"))
+        values[f"auc/{group['name']}"] = auc
+        if math.isfinite(auc):
+            group_aucs.append(auc)
+    values["worst_auc"] = min(group_aucs) if group_aucs else math.nan
+    return values
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan
+
+
+@dataclass
+class Row:
+    """One row of a table: a method entry (at one sweep value) over its seeds."""
+
+    variant: str
+    label: str
+    method: str
+    sweep_key: str | None
+    sweep_value: Any
+    seeds: list[int]
+    per_seed: dict[int, dict[str, float]]
+    mean: dict[str, float]
+    std: dict[str, float]
+    ci: dict[str, list[float]]  # pooled-prediction bootstrap CI per metric
+    select_by: str
+    uses_attribute_at_test: bool
+    reference_only: bool  # single-modality rows: reference lines, not competitors
+    memory_kind: str = ""  # what peak memory measures (trainer's peak_memory_kind)
+    paired: dict[str, Paired] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    dataset: str
+    attribute: str
+    groups: list[str]
+    rows: list[Row]
+    reference: str | None  # label of the paired reference row, if present
+    comparisons: int
+    # generator's best achievable AUC: row name -> {"auc" | "auc/<group>": value}
+    best_achievable: dict[str, dict[str, float]] | None
+    ci_note: str = ""
+
+    @property
+    def columns(self) -> list[str]:
+        return ["auc", "es_auc", "es_acc", *[f"auc/{g}" for g in self.groups], "dpd", "deodds"]
+
+
+def column_name(column: str) -> str:
+    if column.startswith("auc/"):
+        return f"AUC {column[4:]}"
+    return METRIC_NAMES.get(column, column)
+
+
+# The generator's latent signals are drawn per group of this attribute (data/synthetic.py).
+SYNTH_ATTRIBUTE = "race"
+
+
+def read_synth_meta(path: Path, attribute: str) -> dict[str, dict[str, float]] | None:
+    """Reference rows from a generator's synth_meta.json: the best achievable AUC (test split,
+    from the latent signals) with all modalities and with each modality alone.
+
+    Returns {row name: {"auc": overall, "auc/<group>": per group}} or None when the file does
+    not exist or its groups are not those of `attribute`.
+    """
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read synth_meta.json ({exc})") from None
+    test = (meta.get("best_auc") or {}).get("test")
+    if attribute != SYNTH_ATTRIBUTE or not isinstance(test, dict):
+        return None
+    groups = {name: entry for name, entry in test.items() if isinstance(entry, dict)}
+    rows: dict[str, dict[str, float]] = {}
+    for key in ["joint", *meta.get("modalities", [])]:
+        name = "all modalities" if key == "joint" else f"{key} alone"
+        row = {f"auc/{g}": _num(entry.get(key)) for g, entry in groups.items()}
+        if key == "joint":
+            row["auc"] = _num(test.get("overall_joint"))
+        rows[f"best achievable ({name})"] = row
+    return rows
+
+
+def _pooled_ci(records: Sequence[RunRecord], attribute: str, n_boot: int) -> dict[str, list[float]]:
+    """Bootstrap CIs of the seeds' test predictions pooled into one sample (metrics package)."""
+    if n_boot <= 0:
+        return {}
+    import pandas as pd
+
+    from multifair.metrics import summarize
+
+    frames = []
+    for record in records:
+        if not record.predictions.is_file():
+            return {}
+        frames.append(pd.read_csv(record.predictions))
+    pooled = pd.concat(frames, ignore_index=True)
+    if attribute not in pooled.columns:
+        raise UserError(f"{records[0].predictions}: no column {attribute!r}")
+    names = None
+    if f"{attribute}_name" in pooled.columns:
+        names = dict(zip(pooled[attribute], pooled[f"{attribute}_name"].astype(str)))
+    summary = summarize(
+        pooled["label"].to_numpy(),
+        pooled["score"].to_numpy(),
+        sensitive_features={attribute: pooled[attribute].to_numpy()},
+        group_names={attribute: names} if names else None,
+        n_boot=n_boot,
+        seed=0,
+    )
+    ci = summary["attributes"][attribute].get("ci") or {}
+    out = {k: list(ci[k]) for k in ("auc", "es_auc", "es_acc", "dpd", "deodds") if k in ci}
+    for name, bounds in (ci.get("group_auc") or {}).items():
+        out[f"auc/{name}"] = list(bounds)
+    return out
+
+
+def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[Table]:
+    """One table per dataset x attribute from the finished runs."""
+    cfg = collection.config
+    n_boot = cfg.n_boot if n_boot is None else n_boot
+    tables = []
+    for dataset in cfg.datasets:
+        meta_path = dataset.meta_path()
+        for attribute in cfg.attributes:
+            records = [
+                r
+                for r in collection.finished
+                if r.run.dataset == dataset.label and r.run.attribute == attribute
+            ]
+            if not records:
+                continue
+            by_variant: dict[str, list[RunRecord]] = {}
+            for record in records:
+                by_variant.setdefault(record.run.variant, []).append(record)
+            rows, groups = [], []
+            for variant, recs in by_variant.items():
+                row = _row(variant, recs, attribute, n_boot)
+                for key in row.mean:
+                    if key.startswith("auc/") and key[4:] not in groups:
+                        groups.append(key[4:])
+                rows.append(row)
+            reference = next(
+                (r for r in rows if r.label == cfg.reference and r.sweep_key is None), None
+            )
+            comparisons = 0
+            if reference is not None:
+                for row in rows:
+                    if row is reference or row.reference_only:
+                        continue
+                    for metric in PAIRED_METRICS:
+                        row.paired[metric] = paired_difference(
+                            {s: v[metric] for s, v in row.per_seed.items()},
+                            {s: v[metric] for s, v in reference.per_seed.items()},
+                        )
+                        comparisons += 1
+            best = read_synth_meta(meta_path, attribute) if meta_path else None
+            tables.append(
+                Table(
+                    dataset=dataset.label,
+                    attribute=attribute,
+                    groups=groups,
+                    rows=rows,
+                    reference=reference.label if reference else None,
+                    comparisons=comparisons,
+                    best_achievable=best,
+                    ci_note=(
+                        f"95% percentile bootstrap CI ({n_boot} resamples) of the seeds' test "
+                        "predictions pooled into one sample"
+                        if n_boot
+                        else ""
+                    ),
+                )
+            )
+    return tables
+
+
+def _row(variant: str, records: Sequence[RunRecord], attribute: str, n_boot: int) -> Row:
+    first = records[0]
+    per_seed = {r.run.seed: run_values(r.metrics, attribute) for r in records}
+    keys = list(dict.fromkeys(k for v in per_seed.values() for k in v))  # group order kept
+    mean, std = {}, {}
+    for key in keys:
+        vals = np.asarray([v.get(key, math.nan) for v in per_seed.values()], dtype=float)
+        finite = vals[np.isfinite(vals)]
+        mean[key] = float(finite.mean()) if finite.size else math.nan
+        std[key] = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+    return Row(
+        variant=variant,
+        label=first.run.label,
+        method=str(first.metrics.get("method") or first.run.method),
+        sweep_key=first.run.sweep_key,
+        sweep_value=first.run.sweep_value,
+        seeds=sorted(per_seed),
+        per_seed=per_seed,
+        mean=mean,
+        std=std,
+        ci=_pooled_ci(records, attribute, n_boot),
+        select_by=str(first.metrics.get("select_by") or "auc"),
+        uses_attribute_at_test=any(r.metrics.get("uses_attribute_at_test") for r in records),
+        reference_only=first.run.method.startswith("unimodal"),
+        memory_kind=str(first.metrics.get("peak_memory_kind") or ""),
+    )
+
+
+# ============================================================================================
+# Rendering: terminal, Markdown, CSV, JSON
+# ============================================================================================
+def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    if std is not None and math.isfinite(std):
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def _fmt_ci(bounds: Sequence[float] | None) -> str:
+    if not bounds or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds):
+        return "-"
+    return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def _fmt_paired(p: Paired | None) -> str:
+    if p is None or p.n == 0:
+        return "-"
+    if not math.isfinite(p.lo):
+        return f"{p.mean:+.3f} (n={p.n})"
+    return f"{p.mean:+.3f} [{p.lo:+.3f}, {p.hi:+.3f}]"
+
+
+def _row_name(row: Row) -> str:
+    name = row.variant + (f" {ATTRIBUTE_MARK}" if row.uses_attribute_at_test else "")
+    return name + (" (reference)" if row.reference_only else "")
+
+
+def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The table as (title, header, rows, notes) blocks shared by every renderer."""
+    ordered = [r for r in table.rows if not r.reference_only] + [
+        r for r in table.rows if r.reference_only
+    ]
+    header = ["method", *[column_name(c) for c in table.columns], "s/step", "peak MB", "sel.", "n"]
+    main = []
+    for row in ordered:
+        cells = [_fmt(row.mean.get(c, math.nan), row.std.get(c)) for c in table.columns]
+        main.append(
+            [
+                _row_name(row),
+                *cells,
+                _fmt(row.mean.get("time_per_step_s", math.nan), digits=4),
+                _fmt(row.mean.get("peak_memory_mb", math.nan), digits=0),
+                row.select_by,
+                str(len(row.seeds)),
+            ]
+        )
+    for name, values in (table.best_achievable or {}).items():
+        cells = [_fmt(values.get(c, math.nan)) if c in values else "" for c in table.columns]
+        main.append([name, *cells, "", "", "", ""])
+    notes = ["mean ± std over seeds (n = number of seeds); sel. = checkpoint selection criterion"]
+    kinds = sorted({r.memory_kind for r in table.rows if r.memory_kind})
+    if kinds:
+        notes.append(f"s/step: training seconds per optimisation step; peak MB: {', '.join(kinds)}")
+    if any(r.uses_attribute_at_test for r in table.rows):
+        notes.append(
+            f"{ATTRIBUTE_MARK} uses the sensitive attribute at test time (not available to a "
+            "deployed model that is blind to it)"
+        )
+    if any(r.reference_only for r in table.rows):
+        notes.append("(reference) rows: single-modality models, shown as reference lines")
+    if table.best_achievable:
+        notes.append(
+            "best achievable: AUC of the generator's latent signals on the test split (an "
+            "ideal observer; no model can do better in expectation)"
+        )
+    blocks = [(f"{table.dataset} / {table.attribute}", header, main, notes)]
+
+    if any(row.ci for row in ordered):
+        ci_rows = [
+            [_row_name(row), *[_fmt_ci(row.ci.get(c)) for c in table.columns]] for row in ordered
+        ]
+        blocks.append(
+            (
+                "pooled-prediction bootstrap CIs",
+                ["method", *[column_name(c) for c in table.columns]],
+                ci_rows,
+                [table.ci_note + "; seed-to-seed spread is the ± std above"],
+            )
+        )
+    if table.reference is not None and table.comparisons:
+        diff_rows = [
+            [
+                _row_name(row),
+                *[_fmt_paired(row.paired.get(m)) for m in PAIRED_METRICS],
+                str(max((p.n for p in row.paired.values()), default=0)),
+            ]
+            for row in ordered
+            if row.paired
+        ]
+        blocks.append(
+            (
+                f"paired difference to {table.reference} (by seed)",
+                ["method", *[f"Δ {METRIC_NAMES[m]}" for m in PAIRED_METRICS], "pairs"],
+                diff_rows,
+                [
+                    "mean of per-seed differences with a 95% t-interval over the seeds both runs "
+                    f"have; {table.comparisons} comparisons, intervals not adjusted for "
+                    "multiplicity"
+                ],
+            )
+        )
+    return blocks
+
+
+def to_markdown(tables: Sequence[Table], collection: Collection | None = None) -> str:
+    out = []
+    if collection is not None:
+        out.append(f"# Benchmark `{collection.config.name}`\n")
+        out.append(status_line(collection) + "\n")
+    for table in tables:
+        for i, (title, header, rows, notes) in enumerate(table_blocks(table)):
+            out.append(f"{'##' if i == 0 else '###'} {title}\n")
+            out.append("| " + " | ".join(header) + " |")
+            out.append("|" + "|".join("---" for _ in header) + "|")
+            out.extend(
+                "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
+            )
+            out.append("")
+            out.extend(f"- {note}" for note in notes if note)
+            out.append("")
+    if collection is not None and collection.failed:
+        out.append("## Failed runs\n")
+        for run, err in collection.failed:
+            out.append(f"- `{run.run_id}`:\n\n```\n{err}\n```\n")
+    return "\n".join(out)
+
+
+def status_line(collection: Collection) -> str:
+    text = f"{len(collection.finished)} of {len(collection.runs)} runs finished"
+    if collection.missing:
+        text += f"; {len(collection.missing)} missing"
+    if collection.failed:
+        text += f" ({len(collection.failed)} failed)"
+    if collection.stale:
+        text += (
+            f"; WARNING: {len(collection.stale)} finished runs were trained with a different "
+            "config than the current one"
+        )
+    return text
+
+
+def to_csv(tables: Sequence[Table]) -> str:
+    """One line per (dataset, attribute, row): means, stds, CIs, paired differences."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    metrics = ["auc", "es_auc", "es_acc", "worst_auc", "dpd", "deodds"]
+    groups = sorted({g for t in tables for g in t.groups})
+    columns = metrics[:4] + [f"auc/{g}" for g in groups] + metrics[4:]
+    header = ["dataset", "attribute", "row", "label", "method", "sweep_key", "sweep_value"]
+    header += ["n_seeds", "select_by", "uses_attribute_at_test", "reference_only"]
+    for c in columns:
+        header += [f"{c}_mean", f"{c}_std", f"{c}_ci_lo", f"{c}_ci_hi"]
+    header += ["time_per_step_s", "peak_memory_mb"]
+    for m in PAIRED_METRICS:
+        header += [f"d_{m}_mean", f"d_{m}_lo", f"d_{m}_hi", f"d_{m}_n"]
+    writer.writerow(header)
+    for table in tables:
+        for row in table.rows:
+            line: list[Any] = [table.dataset, table.attribute, row.variant, row.label, row.method]
+            line += [row.sweep_key or "", "" if row.sweep_value is None else row.sweep_value]
+            line += [len(row.seeds), row.select_by, row.uses_attribute_at_test, row.reference_only]
+            for c in columns:
+                ci = row.ci.get(c) or [math.nan, math.nan]
+                line += [row.mean.get(c, math.nan), row.std.get(c, math.nan), *ci]
+            line += [row.mean.get("time_per_step_s"), row.mean.get("peak_memory_mb")]
+            for m in PAIRED_METRICS:
+                p = row.paired.get(m)
+                line += [p.mean, p.lo, p.hi, p.n] if p else ["", "", "", ""]
+            writer.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in line])
+    return buffer.getvalue()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def to_json(tables: Sequence[Table], collection: Collection | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"tables": []}
+    if collection is not None:
+        out["benchmark"] = collection.config.name
+        out["runs"] = {
+            "planned": len(collection.runs),
+            "finished": len(collection.finished),
+            "missing": [r.run_id for r in collection.missing],
+            "failed": [{"run": r.run_id, "stderr_tail": err} for r, err in collection.failed],
+            "stale": [r.run_id for r in collection.stale],
+        }
+    for table in tables:
+        out["tables"].append(
+            {
+                "dataset": table.dataset,
+                "attribute": table.attribute,
+                "groups": table.groups,
+                "reference": table.reference,
+                "comparisons": table.comparisons,
+                "best_achievable_auc": table.best_achievable,
+                "ci_note": table.ci_note,
+                "rows": [
+                    {
+                        "row": r.variant,
+                        "label": r.label,
+                        "method": r.method,
+                        "sweep_key": r.sweep_key,
+                        "sweep_value": r.sweep_value,
+                        "seeds": r.seeds,
+                        "select_by": r.select_by,
+                        "uses_attribute_at_test": r.uses_attribute_at_test,
+                        "reference_only": r.reference_only,
+                        "mean": r.mean,
+                        "std": r.std,
+                        "ci": r.ci,
+                        "per_seed": r.per_seed,
+                        "paired": {
+                            m: {"mean": p.mean, "lo": p.lo, "hi": p.hi, "n": p.n, "diffs": p.diffs}
+                            for m, p in r.paired.items()
+                        },
+                    }
+                    for r in table.rows
+                ],
+            }
+        )
+    return _jsonable(out)
+
+
+def print_tables(tables: Sequence[Table], file: Any = None) -> None:
+    """Print the tables in the terminal (rich when available)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table as RichTable
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(to_markdown(tables), file=file or sys.stdout)
+        return
+    from rich.markup import escape
+
+    # wide enough that cells never wrap (a table is read across, and copied from logs)
+    console = Console(file=file, width=max(400, shutil.get_terminal_size().columns))
+    for table in tables:
+        for title, header, rows, notes in table_blocks(table):
+            rich_table = RichTable(title=escape(title), title_justify="left")
+            for i, name in enumerate(header):
+                rich_table.add_column(
+                    escape(name), justify="left" if i == 0 else "right", no_wrap=True
+                )
+            for row in rows:
+                rich_table.add_row(*(escape(cell) for cell in row))
+            console.print(rich_table)
+            for note in notes:
+                if note:
+                    console.print(f"  {escape(note)}", style="dim")
+
+
+def write_results(
+    tables: Sequence[Table], collection: Collection, out_dir: Path | None = None
+) -> dict[str, Path]:
+    """results.md / results.csv / results.json under `<benchmark dir>/results/`."""
+    out_dir = out_dir or collection.out_dir / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "markdown": out_dir / "results.md",
+        "csv": out_dir / "results.csv",
+        "json": out_dir / "results.json",
+    }
+    paths["markdown"].write_text(to_markdown(tables, collection), encoding="utf-8")
+    paths["csv"].write_text(to_csv(tables), encoding="utf-8")
+    paths["json"].write_text(
+        json.dumps(to_json(tables, collection), indent=2) + "\n", encoding="utf-8"
+    )
+    return paths
