@@ -227,3 +227,40 @@ def test_window_meter_means_and_modality_names():
     assert out["B/fundus"] == pytest.approx(0.4) and out["B/oct"] == pytest.approx(0.6)
     assert out["loss/total"] == pytest.approx(3.0)
     assert meter.flush() == {}
+
+
+def _step_update_norms(method_name: str, params: dict) -> dict[str, float]:
+    model = tiny_model()
+    method = build_method(method_name, params, list(SPECS), 3)
+    tc = TrainConfig(lr=1e-3, aux_lr=1e-4, clip=0.8)
+    optimizer, groups = build_optimizer(model, method, tc, torch.device("cpu"))
+    before = {m: [p.detach().clone() for p in ps] for m, ps in model.modality_parameters().items()}
+    result = train_step(
+        [tiny_batch()],
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        groups=groups,
+        ctx=ctx_for(model),
+        lr_scale=1.0,
+        clip=0.8,
+        amp_dtype=None,
+        env=DistEnv(),
+        measure_update=True,
+    )
+    # the returned norm is ||theta_after - theta_before|| over the encoder's parameters
+    for m, params_m in model.modality_parameters().items():
+        want = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params_m, before[m])))
+        assert float(result.update_norms[m]) == pytest.approx(float(want), rel=1e-5)
+    return {m: float(v) for m, v in result.update_norms.items()}
+
+
+def test_update_norm_measures_the_step_size_factor_not_the_gradient_factor():
+    plain = _step_update_norms("erm", {})
+    halved_lr = _step_update_norms("lr_split", {"factors": {"labs": 0.5}})
+    halved_grad = _step_update_norms("grad_factor", {"factors": {"labs": 0.5}})
+    # AdamW: x0.5 on the step size halves the update; x0.5 on the gradient does not
+    assert halved_lr["labs"] / plain["labs"] == pytest.approx(0.5, rel=1e-3)
+    assert halved_lr["vitals"] == pytest.approx(plain["vitals"], rel=1e-5)
+    assert halved_grad["labs"] / plain["labs"] == pytest.approx(1.0, rel=1e-2)

@@ -184,6 +184,8 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 class StepResult:
     loss: LossOutput  # of the last micro-batch
     stats: dict[str, Tensor | float]  # everything to log: parts, signals, edit stats, factors
+    # L2 norm of each encoder's parameter change in this step (only when measure_update)
+    update_norms: dict[str, Tensor] = field(default_factory=dict)
 
 
 def train_step(
@@ -199,11 +201,16 @@ def train_step(
     clip: float | None,
     amp_dtype: torch.dtype | None,
     env: DistEnv,
+    measure_update: bool = False,
 ) -> StepResult:
     """One optimisation step over `micro_batches` (already on the device), hooks in protocol order.
 
     With gradient accumulation, the gradient edits and lr factors of the step come from the
-    LAST micro-batch's loss signals (each micro-batch's loss is divided by their number)."""
+    LAST micro-batch's loss signals (each micro-batch's loss is divided by their number).
+
+    `measure_update` also returns each encoder's update norm ||theta_after - theta_before||
+    (what a step-size factor changes and a gradient factor under AdamW does not); it copies the
+    encoder parameters, so the loop asks for it only on logging steps."""
     device = env.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
@@ -230,17 +237,32 @@ def train_step(
                 group["lr"].mul_(factor)
         else:
             group["lr"] = scheduled * (float(factor) if factor is not None else 1.0)
+    before: dict[str, list[Tensor]] = {}
+    if measure_update:
+        before = {
+            info.modality: [p.detach().clone() for p in group["params"]]
+            for group, info in zip(optimizer.param_groups, groups)
+            if info.modality is not None
+        }
     if scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
+    update_norms = {}
+    for group, info in zip(optimizer.param_groups, groups):
+        if info.modality in before:
+            deltas = [
+                (p.detach() - b).float().norm()
+                for p, b in zip(group["params"], before[info.modality])
+            ]
+            update_norms[info.modality] = torch.stack(deltas).norm() if deltas else torch.zeros(())
 
     stats.update({f"loss/{k}": v for k, v in loss.parts.items()})
     stats.update(loss.signals)
     stats.update(edit_stats)
     stats.update({f"lr_factor/{m}": f for m, f in factors.items()})
-    return StepResult(loss, stats)
+    return StepResult(loss, stats, update_norms)
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,6 +498,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                     clip=tc.clip,
                     amp_dtype=amp_dtype,
                     env=env,
+                    measure_update=(step + 1) % tc.log_every == 0,
                 )
                 total = result.loss.total.detach()
                 loss_sum += total
@@ -490,6 +513,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                         "epoch": epoch,
                         "lr": tc.lr * schedule(step - 1),
                         **meter.flush(),
+                        # the last step of the window (a sample, not a window mean)
+                        **{f"update_norm/{m}": float(v) for m, v in result.update_norms.items()},
                     }
                     logger.log(record)
                     _check_finite(first_bad, epoch, record, ckpt_dir)
