@@ -9,6 +9,8 @@ import pytest
 
 from multifair.errors import UserError
 from multifair.evaluation.diagnostics import (
+    RULES,
+    SIGNATURES,
     RunLog,
     auc_drop_on_fair_mode,
     aux_auc_plateau,
@@ -144,3 +146,7 @@ def test_diagnose_runs_every_rule():
     log = RunLog(steps=steps(50, gap=gap), epochs=epochs(es_auc=[0.70, 0.75, 0.69, 0.76, 0.68]))
     assert [f.rule for f in diagnose(log, tau=0.04)] == ["gap_above_tau", "es_auc_oscillation"]
     assert diagnose(RunLog(), tau=0.04) == []
+
+
+def test_every_rule_has_a_signature_line():
+    assert [rule.__name__ for rule in RULES] == list(SIGNATURES)

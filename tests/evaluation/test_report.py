@@ -49,7 +49,9 @@ def test_run_report_says_when_no_signature_is_found(tmp_path, make_run_dir, make
     assert "No known failure signature found" in html
 
 
-def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, make_run_dir):
+def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(
+    tmp_path, make_run_dir, make_log
+):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({"method": {"name": "erm"}}))
     cfg_path = tmp_path / "bench.yaml"
     cfg_path.write_text(
@@ -74,9 +76,17 @@ def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, mak
     )
     cfg, out_dir = bm.load_benchmark(cfg_path)
     bm.write_manifest(cfg, out_dir)
+    gap_log = make_log()
+    for rec in gap_log:  # the multifair runs: batch gap above tau throughout
+        if rec["kind"] == "step":
+            rec["gap"] = 0.2
     for run in bm.plan(cfg, out_dir):
         make_run_dir(
-            run.run_dir, method=run.method, seed=run.seed, signal=1 + (run.sweep_value or 0)
+            run.run_dir,
+            method=run.method,
+            seed=run.seed,
+            signal=1 + (run.sweep_value or 0),
+            log=gap_log if run.label == "mf" else make_log(),
         )
     html = write_report(out_dir).read_text()
     for section in (
@@ -94,3 +104,7 @@ def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(tmp_path, mak
     # scatter + paired + 2 sweeps + 5 ROC (erm, mf x 2 tau, mf x 2 delta) + 5 x 4 training
     assert len(assert_self_contained(html)) == 4 + 5 + 20
     assert "10 of 10 runs finished" in html and "mf [delta=0.6]" in html
+    # one diagnostics box for the signature shared by the 8 multifair runs, then its runs
+    assert html.count('class="finding"') == 1
+    assert "<code>[gap_above_tau]</code> in 8 runs" in html
+    assert "<td>data/race/mf__delta=0.6/seed1</td>" in html

@@ -238,6 +238,14 @@ def es_auc_oscillation(log: RunLog, tau: float | None = None) -> Finding | None:
     )
 
 
+# Each rule's signature in general words (a Finding's title names the modalities involved).
+SIGNATURES = {
+    "aux_auc_plateau": "one modality's auxiliary AUC plateaus while another climbs",
+    "gap_above_tau": "group AUC gap stays above tau for most of training",
+    "auc_drop_on_fair_mode": "validation AUC drops when fairness mode switches on",
+    "es_auc_oscillation": "validation ES-AUC oscillates from epoch to epoch",
+}
+
 RULES: Sequence[Callable[[RunLog, float | None], Finding | None]] = (
     aux_auc_plateau,
     gap_above_tau,

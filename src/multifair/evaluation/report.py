@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
 from multifair.evaluation import benchmark_tables as bt
-from multifair.evaluation.diagnostics import Finding, RunLog, diagnose, read_log
+from multifair.evaluation.diagnostics import SIGNATURES, Finding, RunLog, diagnose, read_log
 
 # Per-modality step signals plotted as "modulation factors" (docs/architecture.md, log.jsonl).
 FACTOR_SIGNALS = ("B", "f", "factor", "lr_factor", "level")
@@ -358,6 +358,28 @@ def findings_html(findings: Sequence[Finding], where: str = "") -> str:
     return "\n".join(parts)
 
 
+def grouped_findings_html(findings: Sequence[tuple[str, Finding]]) -> str:
+    """Findings of many runs: one box per signature (title, what to try), then the runs that
+    show it with their evidence - so 100 runs with the same signature read as one finding."""
+    if not findings:
+        return findings_html([])
+    by_rule: dict[str, list[tuple[str, Finding]]] = {}
+    for where, finding in findings:
+        by_rule.setdefault(finding.rule, []).append((where, finding))
+    parts = []
+    for rule, items in by_rule.items():
+        first = items[0][1]
+        parts.append(
+            f'<div class="finding"><b>{_esc(SIGNATURES.get(rule, first.title))}</b> '
+            f"<code>[{_esc(rule)}]</code> in {len(items)} runs<br>what to try: "
+            f"{_esc(first.advice)}</div>"
+        )
+        parts.append(
+            _table(["run", "finding", "evidence"], [[w, f.title, f.evidence] for w, f in items])
+        )
+    return "\n".join(parts)
+
+
 # ============================================================================================
 # Run report
 # ============================================================================================
@@ -534,10 +556,7 @@ def render_benchmark_report(
         body.append(f'<div class="figs">{"".join(rocs)}</div>')
         body.append("<h3>Training curves (first seed of each row)</h3>" + "".join(curves))
         body.append("<h3>Diagnostics (every run)</h3>")
-        if findings:
-            body.extend(findings_html([f], where) for where, f in findings)
-        else:
-            body.append(findings_html([]))
+        body.append(grouped_findings_html(findings))
     if collection.failed:
         body.append("<h2>Failed runs</h2>")
         for run, err in collection.failed:
