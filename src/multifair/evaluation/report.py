@@ -32,8 +32,9 @@ from multifair.evaluation import benchmark as bm
 from multifair.evaluation import benchmark_tables as bt
 from multifair.evaluation.diagnostics import SIGNATURES, Finding, RunLog, diagnose, read_log
 
-# Per-modality step signals plotted as "modulation factors" (docs/architecture.md, log.jsonl).
-FACTOR_SIGNALS = ("B", "f", "factor", "lr_factor", "level")
+# Per-modality step signals plotted as "modulation factors" (docs/architecture.md, log.jsonl),
+# with each encoder's update norm: what a factor does to the step, which AdamW can undo.
+FACTOR_SIGNALS = ("B", "f", "factor", "lr_factor", "level", "update_norm")
 SCATTER_Y = (("es_auc", "ES-AUC"), ("worst_auc", "worst-group AUC"), ("deodds", "DEOdds"))
 
 _CSS = """
@@ -159,7 +160,7 @@ def training_figures(log: RunLog, tau: float | None, title: str = "") -> list[st
                 ax.plot(x, y, lw=1, label=m)
             ax.set(xlabel="step", title=f"{signal} per modality")
             ax.legend(fontsize=7)
-        fig.suptitle(f"{title} modulation factors".strip(), fontsize=10)
+        fig.suptitle(f"{title} modulation factors and encoder updates".strip(), fontsize=10)
         images.append(_png(fig))
     x, gap = log.step_series("gap")
     epochs, group_gap = _val_gap(log)
