@@ -254,7 +254,13 @@ def prepare_cache(
     Every modality of the dataset is cached, so any `data.modalities` subset can use it.
     Bad files raise unless `cfg.skip_bad`, in which case they are recorded in meta.json.
     """
-    from multifair.data.subjects import NpzSubjectDataset, present_attributes, scan_split
+    from multifair.data.subjects import (
+        NpzSubjectDataset,
+        Records,
+        present_attributes,
+        scan_split,
+        stored_channels,
+    )
 
     inputs = subject_inputs(cfg, splits)
     root = inputs.root
@@ -299,23 +305,32 @@ def prepare_cache(
             }
             continue
         split_problems = Problems(skip=cfg.skip_bad)
-        records = scan_split(
-            inputs.files[split],
-            inputs.fmt,
-            cfg,
-            attributes,
-            modalities,
-            split_problems,
-            inputs.note_fn,
-            inputs.ages,
-            desc=f"scan {split}",
-        )
+        if resume:  # same sources: the records written before the interruption still hold
+            records = Records.from_json(_read_json(folder / "records.json"))
+        else:
+            records = scan_split(
+                inputs.files[split],
+                inputs.fmt,
+                cfg,
+                attributes,
+                modalities,
+                split_problems,
+                inputs.note_fn,
+                inputs.ages,
+                desc=f"scan {split}",
+            )
         if len(records) == 0:
             raise UserError(f"{root}: no readable sample in the {split} split")
         n = len(records)
         ds = NpzSubjectDataset(records, kinds, keys, cfg.attribute, cfg.image_size, cfg.oct_slices)
-        first = ds.load_modalities(0)
-        shapes = {m: list(first[m].shape) for m in modalities if kinds[m] != "text"}
+        size, k = cfg.image_size, cfg.oct_slices
+        shapes = {
+            m: [stored_channels(records.stored.get(m)), size, size]
+            if kinds[m] == "image"
+            else [k, size, size]
+            for m in modalities
+            if kinds[m] != "text"
+        }
         if not resume:
             if folder.exists():
                 shutil.rmtree(folder)

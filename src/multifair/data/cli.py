@@ -94,6 +94,12 @@ def add_parser(subparsers: Any) -> None:
         "--slo-jpg", action="store_true", help="fairvision: slo_xxxxx.jpg beside each npz"
     )
     synth.add_argument("--empty-note-rate", type=float)
+    synth.add_argument(
+        "--table-order",
+        type=int,
+        choices=[2, 3],
+        help="table B: XOR over column pairs (2, learnt fast) or triples (3, default)",
+    )
     synth.add_argument("--fundus-shape", type=_ints, help="H,W")
     synth.add_argument("--oct-shape", type=_ints, help="D,H,W")
     synth.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
@@ -156,6 +162,7 @@ def _synth(args: argparse.Namespace) -> int:
         "test_name",
         "split",
         "empty_note_rate",
+        "table_order",
         "fundus_shape",
         "oct_shape",
     ):

@@ -168,7 +168,9 @@ class BadValue(Exception):
 class BadFile(UserError):
     """A user file that cannot be used: names the file, the key (if any) and what is wrong."""
 
-    def __init__(self, path: str | Path, key: str | None = None, message: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, key: str | None = None, message: str | None = None
+    ) -> None:
         if message is None:
             # Re-raised by a DataLoader worker as BadFile(traceback text): keep its last line,
             # the original one-line message.

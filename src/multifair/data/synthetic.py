@@ -16,8 +16,8 @@ in a form that is easy or hard for a network:
 - the HARD modality (OCT / note / table group "B") shows s_m as a pattern with no mean shift:
   OCT slices carry streak texture whose orientation follows s_m (horizontal vs vertical
   spatial correlation); notes list findings whose direction words ("increased", "reduced")
-  are bad or good depending on the finding (an XOR of finding and direction); table "B" pairs
-  of columns whose product's sign follows s_m (XOR of signs).
+  are bad or good depending on the finding (an XOR of finding and direction); table "B" has
+  column triples whose product's sign follows s_m (a 3-way XOR of signs).
 Scenarios: `main` (easy modality strong for the majority, weak for minorities; hard modality
 moderate for all), `neutral` (no group effect), `minority_pattern` (minorities' easy-modality
 signal in a different place than the majority's).
@@ -100,6 +100,7 @@ class SynthKnobs(BaseModel):
     csv_bom: bool = False
     slo_jpg: bool = False  # fairvision: write slo_xxxxx.jpg beside each npz (ignored by loaders)
     empty_note_rate: float = Field(0.01, ge=0, le=1)
+    table_order: Literal[2, 3] = 3  # table B: XOR over column pairs (easier) or triples
     fundus_shape: list[int] | None = None  # (H, W)
     oct_shape: list[int] | None = None  # (D, H, W)
 
@@ -409,34 +410,47 @@ def note_statistic(note: str) -> float:
     return float(count)
 
 
-# table: the A loadings (majority pattern, minority pattern) and B pairs
-N_A, N_B_PAIRS = 10, 6
+# table: 10 "A" columns (majority pattern, minority pattern) and 12 "B" columns
+N_A, N_B = 10, 12
 
 
 def render_table_row(
-    s_a: float, s_b: float, alt_pattern: bool, rng: np.random.Generator, loadings: np.ndarray
+    s_a: float,
+    s_b: float,
+    alt_pattern: bool,
+    rng: np.random.Generator,
+    loadings: np.ndarray,
+    order: int = 3,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A (10,) linear in s_a (majority: columns 1-5, minority pattern: columns 6-10), and
-    B (12,) = 6 column pairs whose sign product follows s_b (marginals free of the label)."""
+    """A (10,): linear in s_a (majority: columns 1-5; minority pattern: columns 6-10).
+    B (12,): groups of `order` columns (12 / order groups) whose sign product is sign(s_b) -
+    an XOR of signs: every smaller set of columns is free of the label; magnitudes grow with
+    |s_b|.
+
+    Tuned by prototyping (docs/data.md): with PAIRS (order 2) a small MLP learns B within an
+    epoch, alone or jointly, so joint training hardly lags; with TRIPLES (order 3, the
+    default) B alone is learnt over 10-20 epochs and lags behind A in joint training."""
     w = loadings[1] if alt_pattern else loadings[0]
     a = w * s_a + rng.normal(0, 0.6, size=N_A)
     # the uninformative half of A carries a signal-free draw on the other loadings
     a += (loadings[0] if alt_pattern else loadings[1]) * rng.standard_normal()
-    t = s_b + rng.normal(0, 0.25, size=N_B_PAIRS)
-    sign = rng.choice([-1.0, 1.0], size=N_B_PAIRS)
-    mag = np.sqrt(np.abs(t)) + 0.3
-    skew = np.exp(rng.normal(0, 0.3, size=N_B_PAIRS))
-    b = np.empty(2 * N_B_PAIRS)
-    b[0::2] = sign * mag * skew
-    b[1::2] = sign * np.sign(t) * mag / skew
-    return a, b
+    k = N_B // order
+    t = s_b + rng.normal(0, 0.25, size=k)
+    signs = rng.choice([-1.0, 1.0], size=(k, order - 1))
+    last = np.prod(signs, axis=1) * np.sign(t)
+    cols = np.concatenate([signs, last[:, None]], axis=1)  # (k, order), product = sign(t)
+    mag = np.abs(t)[:, None] ** (1 / order) + 0.3
+    skew = np.exp(rng.normal(0, 0.3, size=(k, order)))
+    return a, (cols * mag * skew).reshape(-1)
 
 
 def table_statistics(
-    a: np.ndarray, b: np.ndarray, alt_pattern: bool, loadings: np.ndarray
+    a: np.ndarray, b: np.ndarray, alt_pattern: bool, loadings: np.ndarray, order: int = 3
 ) -> tuple[float, float]:
+    """Ideal observer: A projected on the right loadings; B's mean group product."""
     w = loadings[1] if alt_pattern else loadings[0]
-    return float(np.nansum(a * w)), float(np.nanmean(b[0::2] * b[1::2]))
+    groups = b.reshape(N_B // order, order)
+    return float(np.nansum(a * w)), float(np.nanmean(np.prod(groups, axis=1)))
 
 
 # ---- writers ----------------------------------------------------------------------------------
@@ -698,21 +712,26 @@ def _write_table(
     loadings = np.zeros((2, N_A))
     loadings[0, :5] = lrng.uniform(0.6, 1.0, 5) * lrng.choice([-1, 1], 5)
     loadings[1, 5:] = lrng.uniform(0.6, 1.0, 5) * lrng.choice([-1, 1], 5)
-    a_all, b_all = np.empty((n, N_A)), np.empty((n, 2 * N_B_PAIRS))
+    a_all, b_all = np.empty((n, N_A)), np.empty((n, N_B))
     stats: dict[str, list[float]] = {"A": [], "B": []}
     for i in range(n):
         r = np.random.default_rng([k.seed, i])
         a, b = render_table_row(
-            pop["latents"]["A"][i], pop["latents"]["B"][i], _alt(k, pop, i), r, loadings
+            pop["latents"]["A"][i],
+            pop["latents"]["B"][i],
+            _alt(k, pop, i),
+            r,
+            loadings,
+            k.table_order,
         )
         a_all[i], b_all[i] = a, b
-        sa, sb = table_statistics(a, b, _alt(k, pop, i), loadings)
+        sa, sb = table_statistics(a, b, _alt(k, pop, i), loadings, k.table_order)
         stats["A"].append(sa)
         stats["B"].append(sb)
     a_all = a_all * 10 + 50  # lab-like units
     mrng = np.random.default_rng([k.seed, 10**9 + 1])
     a_all[mrng.random(a_all.shape) < 0.04] = np.nan  # not every test is ordered for everyone
-    b_all[mrng.random(b_all.shape) < 0.04] = np.nan
+    b_all[mrng.random(b_all.shape) < 0.02] = np.nan
     frame = pd.DataFrame({"patient_id": ids})
     frame["use"] = [
         {"train": "training", "val": "validation", "test": "test"}[s] for s in pop["split"]
@@ -725,7 +744,7 @@ def _write_table(
         frame[f"a{j + 1:02d}"] = a_all[:, j].round(3)
     frame["smoker"] = np.where(mrng.random(n) < 0.2, "yes", "no")
     frame["site"] = mrng.choice(["north", "south", "east", "west"], size=n)
-    for j in range(2 * N_B_PAIRS):
+    for j in range(N_B):
         frame[f"b{j + 1:02d}"] = b_all[:, j].round(4)
     frame["statin"] = np.where(mrng.random(n) < 0.3, "t", "f")
     frame["insurance"] = mrng.choice(["public", "private", "none"], size=n, p=[0.5, 0.4, 0.1])
@@ -749,10 +768,7 @@ def _write_table(
             },
             "columns": {
                 "A": {"columns": [f"a{j + 1:02d}" for j in range(N_A)] + ["smoker", "site"]},
-                "B": {
-                    "columns": [f"b{j + 1:02d}" for j in range(2 * N_B_PAIRS)]
-                    + ["statin", "insurance"]
-                },
+                "B": {"columns": [f"b{j + 1:02d}" for j in range(N_B)] + ["statin", "insurance"]},
             },
             "split": {"column": "use"},
             "id_column": "patient_id",

@@ -47,6 +47,7 @@ from multifair.errors import UserError
 log = logging.getLogger(__name__)
 
 SKLEARN_PREFIX = "sklearn:"
+NUMERIC_SHARE = 0.9  # a column whose cells are >= 90% numbers is numeric; the rest are bad cells
 _RULE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
 
 
@@ -260,9 +261,32 @@ def _column_type(values: pd.Series, forced_categorical: bool) -> str:
     present = [str(v).strip().lower() for v in values if _raw_key(v) is not None]
     if present and all(v in TRUE_STRINGS | FALSE_STRINGS for v in present):
         return "boolean"
-    if present and pd.to_numeric(pd.Series(present), errors="coerce").notna().all():
+    # mostly numbers: a numeric column with a few bad cells (reported per row), not categories
+    if (
+        present
+        and pd.to_numeric(pd.Series(present), errors="coerce").notna().mean() >= NUMERIC_SHARE
+    ):
         return "numeric"
     return "categorical"
+
+
+def column_types(frame: pd.DataFrame, spec: Any) -> dict[str, str]:
+    """numeric / boolean / categorical per column of a tabular modality (structure only: read
+    from the whole table, no statistics)."""
+    return {c: _column_type(frame[c], c in spec.categorical) for c in spec.columns}
+
+
+def cell_errors(frame: pd.DataFrame, types: dict[str, str]) -> list[str]:
+    """Per row, the first cell that does not parse as its column's type ("" = fine)."""
+    errors = [""] * len(frame)
+    for column, kind in types.items():
+        if kind == "categorical":
+            continue
+        _, errs = (_as_float if kind == "numeric" else _as_bool)(frame[column], column)
+        for i, e in enumerate(errs):
+            if e and not errors[i]:
+                errors[i] = e
+    return errors
 
 
 def _as_float(values: pd.Series, column: str) -> tuple[np.ndarray, list[str]]:
@@ -296,12 +320,11 @@ def _as_bool(values: pd.Series, column: str) -> tuple[np.ndarray, list[str]]:
     return out, errors
 
 
-def fit_features(frame: pd.DataFrame, spec: Any) -> list[dict[str, Any]]:
-    """Per-column transforms fitted on the training rows `frame`."""
+def fit_features(frame: pd.DataFrame, types: dict[str, str]) -> list[dict[str, Any]]:
+    """Per-column transforms fitted on the training rows `frame` (bad cells already removed)."""
     fitted = []
-    for column in spec.columns:
+    for column, kind in types.items():
         values = frame[column]
-        kind = _column_type(values, column in spec.categorical)
         entry: dict[str, Any] = {"column": column, "type": kind}
         if kind == "categorical":
             keys = [_raw_key(v) for v in values]
@@ -512,7 +535,7 @@ def build(
         needed += mod.columns if mod.kind == "tabular" else [mod.column]  # type: ignore[list-item]
     if cfg.id_column:
         needed.append(cfg.id_column)
-    if cfg.split.column and file_splits is None:
+    if cfg.split.column and file_splits is None and "all" not in splits:
         needed.append(cfg.split.column)
     _require_columns(frame, needed, source)
     has_label = label_spec.column in frame.columns
@@ -551,6 +574,19 @@ def build(
         merge(errs)
         group_names[a] = {int(k): str(v) for k, v in fa["names"].items()}
 
+    # column types (from the state when predicting) and cells that do not parse
+    tabular_mods = [m for m in order if cfg.columns[m].kind == "tabular"]
+    types: dict[str, dict[str, str]] = {}
+    for m in tabular_mods:
+        if state is not None:
+            if m not in fitted_all["features"]:
+                raise UserError(f"data state has no fitted features for modality {m!r}")
+            types[m] = {e["column"]: e["type"] for e in fitted_all["features"][m]}
+            _require_columns(frame, list(types[m]), source)
+        else:
+            types[m] = column_types(frame, cfg.columns[m])
+        merge(cell_errors(frame, types[m]))
+
     # split assignment
     if "all" in splits:
         if len(splits) != 1:
@@ -581,19 +617,14 @@ def build(
         )
     keep = ~bad & (~unknown if cfg.unknown == "drop" else True)
 
-    # fit features on the training rows
-    tabular_mods = [m for m in order if cfg.columns[m].kind == "tabular"]
+    # fit features on the (good) training rows only
     if state is None:
         train_rows = keep & (assignment == "train")
         if not train_rows.any():
             raise UserError(f"{source}: the train split is empty; cannot fit preprocessing")
         train_frame = frame.loc[train_rows]
         for m in tabular_mods:
-            fitted_all["features"][m] = fit_features(train_frame, cfg.columns[m])
-    else:
-        missing = [m for m in tabular_mods if m not in fitted_all["features"]]
-        if missing:
-            raise UserError(f"data state has no fitted features for modality(ies) {missing}")
+            fitted_all["features"][m] = fit_features(train_frame, types[m])
 
     ids_all = (
         [str(v) for v in frame[cfg.id_column].tolist()]
@@ -609,9 +640,7 @@ def build(
         tabular = {}
         for m in tabular_mods:
             x, errs = transform_features(part, fitted_all["features"][m])
-            bad_rows = [e for e in errs if e]
-            if bad_rows:
-                raise UserError(f"{source}: {split} {bad_rows[0]}")
+            assert not any(errs), "bad cells are removed before the split"
             tabular[m] = x
         paths, texts = {}, {}
         for m in order:
