@@ -124,10 +124,10 @@ def test_truncated_array_is_detected(tree: Path, tmp_path: Path):
     path = Path(summary["directory"]) / "test" / "fundus.npy"
     with open(path, "r+b") as fh:
         fh.truncate(path.stat().st_size - 50)
-    with pytest.raises(UserError, match="fundus.npy is missing or truncated"):
+    with pytest.raises(UserError, match=r"fundus\.npy is missing or truncated"):
         build_data(cfg)
     os.remove(Path(summary["directory"]) / "meta.json")
-    with pytest.raises(UserError, match="meta.json is missing"):
+    with pytest.raises(UserError, match=r"meta\.json is missing"):
         build_data(cfg)
 
 

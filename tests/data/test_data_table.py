@@ -90,7 +90,7 @@ def test_mixed_types_encoding_and_imputation(tmp_path: Path, suffix: str):
     train = frame[frame["use"] == "train"]
     num = train["num"]
     by_id = {s: i for i, s in enumerate(frame["id"])}
-    for split, ds in bundle.datasets.items():
+    for ds in bundle.datasets.values():
         for i in range(len(ds)):
             x = ds[i]["labs"].numpy()
             row = frame.iloc[by_id[ds[i]["sample_id"]]]

@@ -276,7 +276,7 @@ def render_fundus(
     filler = float(rng.standard_normal())  # the uninformative spot gets a signal-free draw
     disc, macula = (filler, s) if alt_pattern else (s, filler)
     img += (70 + 14 * disc) * _blob(yy, xx, DISC)
-    img -= (30 + 8 * macula) * _blob(yy, xx, MACULA)
+    img -= (30 + 12 * macula) * _blob(yy, xx, MACULA)
     img += rng.normal(0, 5)  # exposure
     img += rng.normal(0, 3, size=(h, w)).astype(np.float32)
     return np.clip(img, 0, 255)
@@ -343,11 +343,9 @@ FINDINGS = [
     ("cup-to-disc ratio", +1, "c/d"),
     ("neuroretinal rim thickness", -1, "rim"),
     ("rnfl thickness", -1, "rnfl"),
-    ("visual field sensitivity", -1, "vf"),
+    ("visual field index", -1, "vfi"),
     ("pattern standard deviation", +1, "psd"),
 ]
-UP = ("increased", "elevated", "higher")
-DOWN = ("decreased", "reduced", "lower")
 FILLER = (
     "no acute distress.",
     "eye drops reviewed with the patient.",
@@ -364,29 +362,24 @@ def bad_count(s: float) -> int:
 
 
 def render_note(s: float, age: float, gender: int, rng: np.random.Generator) -> tuple[str, str]:
-    """(note, summary <= 180 chars): six findings, `bad_count(s)` of them in the bad direction.
+    """(note, summary <= 180 chars): six findings "<finding> increased|decreased", in random
+    order, `bad_count(s)` of them in their bad direction.
 
-    Every finding name and every direction word appears in both classes equally often; only
-    the pairing carries the label - a unigram bag of words sees nothing.
-    """
+    Every finding name and both direction words appear in both classes equally often; only
+    the (finding, direction) pairing carries the label - a unigram bag of words sees nothing,
+    word pairs do. Tuned by prototyping (docs/data.md): with synonyms and varied word order
+    ("noted reduced rim thickness") even a bigram model barely learnt it."""
     n_bad = bad_count(s)
-    order = rng.permutation(len(FINDINGS))
     bad = set(rng.permutation(len(FINDINGS))[:n_bad].tolist())
-    parts, short = [], []
     who = "woman" if gender == 0 else "man"
-    parts.append(f"{int(age)} year old {who} seen for glaucoma follow up.")
-    for i in order.tolist():
+    parts = [f"{int(age)} year old {who} seen for glaucoma follow up."]
+    short = []
+    for i in rng.permutation(len(FINDINGS)).tolist():
         name, bad_dir, abbrev = FINDINGS[i]
-        direction = bad_dir if i in bad else -bad_dir
-        word = str(rng.choice(UP if direction > 0 else DOWN))
-        template = int(rng.integers(3))
-        if template == 0:
-            parts.append(f"{name} {word}.")
-        elif template == 1:
-            parts.append(f"{name} is {word} compared with the last visit.")
-        else:
-            parts.append(f"noted {word} {name}.")
-        short.append(f"{abbrev} {'up' if direction > 0 else 'down'}")
+        up = (bad_dir > 0) == (i in bad)
+        tail = " since the last visit" if rng.random() < 0.5 else ""
+        parts.append(f"{name} {'increased' if up else 'decreased'}{tail}.")
+        short.append(f"{abbrev} {'up' if up else 'down'}")
         if rng.random() < 0.3:
             parts.append(str(rng.choice(FILLER)))
     summary = f"{int(age)}yo {who}, glaucoma f/u: " + ", ".join(short) + "."
@@ -396,18 +389,12 @@ def render_note(s: float, age: float, gender: int, rng: np.random.Generator) -> 
 def note_statistic(note: str) -> float:
     """Ideal observer for `render_note`: the number of findings written in their bad direction."""
     text = note.lower()
-    count = 0
-    for name, bad_dir, _ in FINDINGS:
-        pos = text.find(name)
-        if pos < 0:
-            continue
-        window = text[max(0, pos - 12) : pos + len(name) + 30].split(".")
-        around = next((seg for seg in window if name in seg), "")
-        up = any(word in around for word in UP)
-        down = any(word in around for word in DOWN)
-        if (up and bad_dir > 0) or (down and bad_dir < 0):
-            count += 1
-    return float(count)
+    return float(
+        sum(
+            f"{name} {'increased' if bad_dir > 0 else 'decreased'}" in text
+            for name, bad_dir, _ in FINDINGS
+        )
+    )
 
 
 # table: 10 "A" columns (majority pattern, minority pattern) and 12 "B" columns
@@ -515,12 +502,12 @@ def generate(
         "modalities": list(MODALITIES[k.flavour]),
         "signal": {m: v.tolist() for m, v in k.strengths().items()},
         "best_auc": {
-            "note": "from the latent signals: the best any model can reach (theory: Phi(d'/sqrt 2))",
+            "about": "from the latent signals: the best any model can reach (theory: Phi(d'/sqrt 2))",
             "test": best_auc_table(k, pop, np.flatnonzero(split == "test")),
             "all": best_auc_table(k, pop, np.arange(n)),
         },
         "observer_auc": {
-            "note": "a hand-made statistic that knows where the signal is, on the written data (test split)",
+            "about": "a hand-made statistic that knows where the signal is, on the written data (test split)",
             **{
                 m: _auc_by_group(
                     pop["label"][split == "test"],
