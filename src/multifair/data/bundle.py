@@ -9,13 +9,14 @@ finishes the preprocessing on the device.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from multifair.data.config import DataConfig
 from multifair.data.transforms import to_model
@@ -53,6 +54,23 @@ class ModalitySpec:
         return out
 
 
+def batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An empty batch tensor; inside a DataLoader worker it lives in shared memory, so handing
+    it to the main process costs no copy (what torch's default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+    return proto.new(storage).resize_(*shape)
+
+
+class CollatedSamples(list):
+    """Sample dicts from a batched read whose tensors are rows of ready batch tensors
+    (`tensors[modality]`, (B, ...)): `Collator` uses those instead of stacking again."""
+
+    tensors: dict[str, torch.Tensor]
+
+
 @dataclass
 class Collator:
     """Stacks sample dicts into a batch dict (picklable, so DataLoader workers can run it)."""
@@ -63,10 +81,18 @@ class Collator:
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
+        ready = samples.tensors if isinstance(samples, CollatedSamples) else {}
         batch: dict[str, Any] = {}
         for name, kind in self.kinds.items():
+            if name in ready:
+                batch[name] = ready[name]
+                continue
             items = [s[name] for s in samples]
-            batch[name] = list(items) if kind == "text" else torch.stack(items, 0)
+            if kind == "text":
+                batch[name] = list(items)
+            else:
+                out = batch_tensor((len(items), *items[0].shape), items[0].dtype)
+                batch[name] = torch.stack(items, 0, out=out)
         batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
         batch["group"] = torch.tensor([s["group"] for s in samples], dtype=torch.int64)
         batch["attributes"] = {

@@ -19,11 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from multifair.data.bundle import DataBundle, ModalityKind, ModalitySpec
+from multifair.data.bundle import (
+    CollatedSamples,
+    DataBundle,
+    ModalityKind,
+    ModalitySpec,
+    batch_tensor,
+)
 from multifair.data.config import DataConfig
 from multifair.data.formats import (
     ATTRIBUTE_KEYS,
@@ -345,27 +350,32 @@ class CachedSubjectDataset(_SubjectDataset):
         sample.update(self._meta(index))
         return sample
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Batched read: one fancy-indexed read per array in row order (sequential pages)."""
+    def __getitems__(self, indices: Sequence[int]) -> CollatedSamples:
+        """Batched read straight into the batch tensors (shared memory inside a worker): one
+        copy from the page cache per sample, rows read in file order."""
         idx = np.asarray(indices, dtype=np.int64)
         rows = self.rows[idx]
-        order = np.argsort(rows, kind="stable")
         arrays = self._arrays()
-        blocks: dict[str, Tensor] = {}
+        samples = CollatedSamples({} for _ in range(len(idx)))
+        samples.tensors = {}
         for name, kind in self.modality_kinds.items():
-            if kind != "text":
-                block = np.empty((len(rows), *arrays[name].shape[1:]), dtype=np.uint8)
-                block[order] = arrays[name][rows[order]]
-                blocks[name] = torch.from_numpy(block)
-        samples = []
+            if kind == "text":
+                continue
+            source = arrays[name]
+            block = batch_tensor((len(rows), *source.shape[1:]), torch.uint8)  # (B, C|K, S, S)
+            view = block.numpy()
+            for j in np.argsort(rows, kind="stable").tolist():
+                view[j] = source[rows[j]]
+            samples.tensors[name] = block
         for j, index in enumerate(idx.tolist()):
-            sample: dict[str, Any] = {name: block[j] for name, block in blocks.items()}
+            sample = samples[j]
             for name, kind in self.modality_kinds.items():
                 if kind == "text":
                     assert self.records.notes is not None
                     sample[name] = self.records.notes[index]
+                else:
+                    sample[name] = samples.tensors[name][j]
             sample.update(self._meta(index))
-            samples.append(sample)
         return samples
 
 
