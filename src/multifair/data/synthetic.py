@@ -343,8 +343,6 @@ FINDINGS = [
     ("cup-to-disc ratio", +1, "c/d"),
     ("neuroretinal rim thickness", -1, "rim"),
     ("rnfl thickness", -1, "rnfl"),
-    ("visual field index", -1, "vfi"),
-    ("pattern standard deviation", +1, "psd"),
 ]
 FILLER = (
     "no acute distress.",
@@ -357,31 +355,34 @@ FILLER = (
 
 
 def bad_count(s: float) -> int:
-    """How many of the six findings are written in their bad direction."""
-    return int(np.clip(round(3 + 1.3 * s), 0, len(FINDINGS)))
+    """How many of a note's four findings are written in their bad direction."""
+    return int(np.clip(round(2 + 0.87 * s), 0, len(FINDINGS)))
 
 
 def render_note(s: float, age: float, gender: int, rng: np.random.Generator) -> tuple[str, str]:
-    """(note, summary <= 180 chars): six findings "<finding> increased|decreased", in random
-    order, `bad_count(s)` of them in their bad direction.
+    """(note, summary <= 180 chars): the four findings in random order, "<finding>
+    increased|decreased", `bad_count(s)` of them in their bad direction.
 
-    Every finding name and both direction words appear in both classes equally often; only
-    the (finding, direction) pairing carries the label - a unigram bag of words sees nothing,
-    word pairs do. Tuned by prototyping (docs/data.md): with synonyms and varied word order
-    ("noted reduced rim thickness") even a bigram model barely learnt it."""
+    Two findings are bad when increased, two when decreased, so every finding name and both
+    direction words are equally frequent in both classes: only the (finding, direction)
+    pairing carries the label - a unigram bag of words sees nothing, word pairs do. Tuned by
+    prototyping (docs/data.md): six findings per note with synonyms, varied word order and
+    filler were learnt neither by bigrams nor by MiniLM (frozen, or fine-tuned two epochs)
+    from 1,000 notes; four fixed short findings are learnt by bigrams (AUC ~0.8) and by
+    frozen MiniLM + MLP (~0.75)."""
     n_bad = bad_count(s)
+    chosen = rng.permutation(len(FINDINGS)).tolist()
     bad = set(rng.permutation(len(FINDINGS))[:n_bad].tolist())
     who = "woman" if gender == 0 else "man"
     parts = [f"{int(age)} year old {who} seen for glaucoma follow up."]
     short = []
-    for i in rng.permutation(len(FINDINGS)).tolist():
+    for i in chosen:
         name, bad_dir, abbrev = FINDINGS[i]
         up = (bad_dir > 0) == (i in bad)
-        tail = " since the last visit" if rng.random() < 0.5 else ""
-        parts.append(f"{name} {'increased' if up else 'decreased'}{tail}.")
+        parts.append(f"{name} {'increased' if up else 'decreased'}.")
         short.append(f"{abbrev} {'up' if up else 'down'}")
-        if rng.random() < 0.3:
-            parts.append(str(rng.choice(FILLER)))
+    if rng.random() < 0.3:
+        parts.append(str(rng.choice(FILLER)))
     summary = f"{int(age)}yo {who}, glaucoma f/u: " + ", ".join(short) + "."
     return " ".join(parts).capitalize(), summary[:180]
 
