@@ -152,10 +152,33 @@ def test_guard_falls_back_to_plain_training_when_the_lagging_modality_is_noise(s
     assert float(unguarded["lr_factor/lead"][late].max()) == pytest.approx(0.5)
 
 
-def test_guard_balances_while_the_lagging_modality_improves_then_relaxes():
-    # lag rises to d' = 1 (AUC ~0.76) over 1000 steps, then plateaus
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trend_guard_also_falls_back_when_the_lagging_modality_is_noise(seed):
+    aucs = _auc_sequence(3000, lambda t: 0.0, seed)
+    guarded = _drive(_method(guard="trend"), aucs)
+    late = slice(500, None)
+    assert float((guarded["lr_factor/lead"][late] == 1).float().mean()) > 0.6
+    assert float(guarded["active"][late].mean()) < 0.1
+
+
+def test_level_guard_balances_a_learnable_lagging_modality_even_at_its_plateau():
+    # lag rises to d' = 1 (AUC ~0.76) over 1000 steps, then plateaus: still above chance
     aucs = _auc_sequence(3000, lambda t: min(1.0, t / 1000), seed=3)
     s = _drive(_method(), aucs)
+    assert float(s["active"][1500:].mean()) > 0.9
+    assert float(s["lr_factor/lag"][1500:].mean()) > 1.2
+    assert float(s["lr_factor/lead"][1500:].min()) >= 0.5
+
+
+def test_bool_guard_values_map_to_level_and_off():
+    assert _method(guard=True).params.guard == "level"
+    assert _method(guard=False).params.guard == "off"
+
+
+def test_trend_guard_balances_while_the_lagging_modality_improves_then_relaxes():
+    # lag rises to d' = 1 (AUC ~0.76) over 1000 steps, then plateaus
+    aucs = _auc_sequence(3000, lambda t: min(1.0, t / 1000), seed=3)
+    s = _drive(_method(guard="trend"), aucs)
     rising, plateau = slice(200, 1000), slice(2000, None)
     assert float(s["active"][rising].mean()) > 0.6
     assert float(s["lr_factor/lag"][rising].mean()) > 1.2
@@ -180,7 +203,8 @@ def _train(method: Method, steps: int = 6) -> tuple[TinyMultimodal, list[dict[st
     [
         {"temperature": math.inf},  # equal softmax weights
         {"temperature": math.inf, "guard": False},
-        {"trend_z_on": 1e9, "trend_z_full": 2e9},  # gate never opens
+        {"guard": "trend", "trend_z_on": 1e9, "trend_z_full": 2e9},  # gate never opens
+        {"level_z_on": 1e9, "level_z_full": 2e9},  # gate never opens
         {"floor": 1.0, "guard": False},  # every factor pinned at 1
     ],
 )
@@ -353,6 +377,7 @@ def test_presets_and_explicit_values():
         ({"temperature": 0}, "temperature"),
         ({"floor": 1.5}, "floor"),
         ({"trend_z_on": 2.0, "trend_z_full": 1.0}, "trend_z_full"),
+        ({"level_z_on": 2.0, "level_z_full": 1.0}, "level_z_full"),
         ({"gap_wieght": 1.0}, "gap_wieght: unknown key"),
     ],
 )

@@ -13,12 +13,14 @@ Guards against the CNN failure of section 7 (a lagging encoder that cannot learn
 useful one is throttled):
 - floor: no factor below `floor` (default 0.5); the mass taken from the lagging modalities
   to lift a floored one keeps sum_i c_i = M (water-filling, see `balance_factors`);
-- trend gate: balance only while the lagging modality is still improving. Its trend is the
-  rise of Abar over a slow window, Abar - slowEMA(Abar), measured in units of the noise that
-  batch sampling alone puts on Abar (a z-score). The factors are 1 + gate * (c - 1) with the
-  gate ramping from 0 at z = `trend_z_on` to 1 at z = `trend_z_full`; a lagging modality
-  with no learnable signal (flat AUC ~ 0.5) keeps z ~ N(0, 1) and the method is plain ERM
-  up to rare, small excursions.
+- gate (`guard`): the factors are 1 + gate * (c - 1), the gate ramping from 0 to 1 with a
+  z-score of the lagging modality measured in units of the noise that batch sampling alone
+  puts on Abar. Default "level": z = (Abar_lag - 0.5) / noise - balance while the lagging
+  head is demonstrably above chance; a modality with no learnable signal keeps z ~ N(0, 1)
+  and the method is plain ERM up to rare, small excursions. "trend": z = (Abar_lag -
+  slowEMA(Abar_lag)) / noise - balance only while it is still rising. In 12-epoch runs of a
+  few hundred steps the trend gate never opened (a slowly learnt modality rises by less than
+  the noise over the slow window), so the method was ERM there; it is kept for long runs.
 
 Group level (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
 with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
@@ -32,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from multifair.methods.base import (
@@ -71,9 +73,25 @@ class MultiFairAdamParams(MethodParams):
     floor: float = Field(0.5, ge=0, le=1)  # smallest factor any encoder gets
     level_momentum: float = Field(0.95, ge=0, lt=1)  # Abar EMA (and its noise estimate)
     trend_momentum: float = Field(0.995, ge=0, lt=1)  # slow EMA of Abar: trend window ~ 1/(1-x)
-    guard: bool = True  # False: balance always (the section-7 prototype, no trend gate)
-    trend_z_on: float = 1.0  # gate opens above this trend z-score of the lagging modality
+    # When to balance (spec section 7's guard against a lagging modality with nothing to learn):
+    #   "level": while the lagging modality's smoothed aux AUC is above chance by more than
+    #            batch noise explains (z-score of Abar - 0.5) - a noise modality never opens it;
+    #   "trend": only while its smoothed AUC is still rising (z-score of Abar - slow EMA); its
+    #            window (~1/(1 - trend_momentum) steps) must be short next to the run;
+    #   "off" (or false): balance always (the section-7 prototype).
+    guard: Literal["level", "trend", "off"] = "level"
+    level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
+    level_z_full: float = 4.0  # ... and is fully open from this one
+    trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
     trend_z_full: float = 3.0  # ... and is fully open from this one
+
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_bool(cls, value: Any) -> Any:
+        # booleans are accepted: true = the default guard ("level"), false = "off"
+        if isinstance(value, bool):
+            return "level" if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _resolve(self) -> MultiFairAdamParams:
@@ -85,6 +103,10 @@ class MultiFairAdamParams(MethodParams):
         if self.trend_z_full <= self.trend_z_on:
             raise ValueError(
                 f"trend_z_full ({self.trend_z_full}) must exceed trend_z_on ({self.trend_z_on})"
+            )
+        if self.level_z_full <= self.level_z_on:
+            raise ValueError(
+                f"level_z_full ({self.level_z_full}) must exceed level_z_on ({self.level_z_on})"
             )
         return self
 
@@ -171,14 +193,20 @@ class MultiFairAdam(Method):
         # The lagging modalities are those the balance speeds up; weight their z by the boost
         # (for M = 2: the lagging modality's own z). No boost anywhere -> gate 0, factors 1.
         boost = (raw - 1).clamp_min(0)
-        lag_z = (boost * trend_z).sum() / boost.sum().clamp_min(1e-12)
-        if p.guard:
-            span = p.trend_z_full - p.trend_z_on
-            gate = ((lag_z - p.trend_z_on) / span).clamp(0.0, 1.0)
-            factors = 1 + gate * (raw - 1)  # gate 0: exactly 1 (plain training)
-        else:
-            gate = torch.ones_like(lag_z)
+        # Level: how far Abar sits above chance, in units of the same noise std.
+        level_z = (level - 0.5) / noise
+        if p.guard == "off":
+            gate = torch.ones((), dtype=level.dtype, device=level.device)
             factors = raw
+        else:
+            z, z_on, z_full = (
+                (trend_z, p.trend_z_on, p.trend_z_full)
+                if p.guard == "trend"
+                else (level_z, p.level_z_on, p.level_z_full)
+            )
+            lag_z = (boost * z).sum() / boost.sum().clamp_min(1e-12)
+            gate = ((lag_z - z_on) / (z_full - z_on)).clamp(0.0, 1.0)
+            factors = 1 + gate * (raw - 1)  # gate 0: exactly 1 (plain training)
 
         signals: dict[str, Tensor] = {"active": gate.detach()}
         for i, name in enumerate(self.modalities):
