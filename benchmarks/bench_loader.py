@@ -48,11 +48,20 @@ def rate(fn, n_items: int, repeats: int = 3) -> float:
     return n_items / best
 
 
-def loader_rate(bundle, workers: int, seconds: float, batch: int = 32) -> float:
+def loader_rate(
+    bundle, workers: int, seconds: float, batch: int = 32, thread: bool = False
+) -> float:
+    """Samples/s delivered by make_loader (random indices with replacement, endless)."""
     ds = bundle.datasets["train"]
     sampler = RandomSampler(ds, replacement=True, num_samples=10**9)
     loader = make_loader(
-        bundle, "train", batch, sampler=sampler, num_workers=workers, pin_memory=False
+        bundle,
+        "train",
+        batch,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=False,
+        prefetch_thread=thread,
     )
     it = iter(loader)
     for _ in range(3 + 2 * workers):  # warm up: workers started, pages cached
@@ -155,10 +164,14 @@ def main() -> None:
             ("cache (per sample)", rate(cache_single, n * reps)),
             (f"cache (batched __getitems__, {n}/read)", rate(cache_batched, n * reps)),
             ("DataLoader, cache, 0 workers, batch 32", loader_rate(cached, 0, args.seconds)),
+            (
+                "DataLoader, cache, 0 workers + prefetch thread",
+                loader_rate(cached, 0, args.seconds, thread=True),
+            ),
             ("DataLoader, cache, 1 worker, batch 32", loader_rate(cached, 1, args.seconds)),
             ("DataLoader, cache, 2 workers, batch 32", loader_rate(cached, 2, args.seconds)),
             (
-                "  (floor: 2 workers handing over empty batches)",
+                "floor: 2 workers passing empty batches",
                 shm_floor((11, 224, 224), 2, args.seconds),
             ),
         ]
@@ -172,10 +185,11 @@ def main() -> None:
     print(f"data: {n} full-size FairVision subjects (OCT 200x200x200 uint8, fundus 200x200), "
           f"model input 224 px, 10 OCT slices; generated in {t_gen:.0f} s, cached in {t_prep:.1f} s")  # fmt: skip
     print()
-    print(f"| {'path':<42} | {'samples/s':>10} | {'ms/sample':>9} | {'vs npz, released':>16} |")
-    print(f"|{'-' * 44}|{'-' * 12}:|{'-' * 10}:|{'-' * 17}:|")
+    w = max(len(name) for name, _ in rows)
+    print(f"| {'path':<{w}} | {'samples/s':>10} | {'ms/sample':>9} | {'vs npz, released':>16} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 11}:|{'-' * 10}:|{'-' * 17}:|")
     for name, r in rows:
-        print(f"| {name:<42} | {r:>10.1f} | {1000 / r:>9.3f} | {r / base:>15.1f}x |")
+        print(f"| {name:<{w}} | {r:>10.1f} | {1000 / r:>9.3f} | {r / base:>15.1f}x |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ from typing import Any
 
 from multifair.data.synthetic import SynthKnobs, generate
 
-TINY = {"n": 40, "fundus_shape": [16, 16], "oct_shape": [5, 16, 16], "split": [0.5, 0.25, 0.25],
-        "group_mix": [0.3, 0.3, 0.4]}  # fmt: skip
+TINY = {
+    "n": 40,
+    "fundus_shape": [16, 16],
+    "oct_shape": [5, 16, 16],
+    "split": [0.5, 0.25, 0.25],
+    "group_mix": [0.3, 0.3, 0.4],
+}
 
 
 def make_tree(out: Path, flavour: str = "fairvision", **knobs: Any) -> dict[str, Any]:

@@ -75,8 +75,10 @@ def test_wrong_shape(tree: Path):
     _fails(tree, str(path), "'slo_fundus'", "(16,)")
 
 
-@pytest.mark.parametrize(("value", "needle"), [(2, "label 2 is outside {0, 1}"), (np.nan, "label is NaN"),
-                                               (-1, "label -1 is outside")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [(2, "label 2 is outside {0, 1}"), (np.nan, "label is NaN"), (-1, "label -1 is outside")],
+)
 def test_label_outside_01(tree: Path, value, needle):
     path = _first(tree)
     _rewrite(path, glaucoma=np.array(value))
@@ -95,12 +97,15 @@ def test_nan_pixels_fail_when_read(tree: Path):
         bundle.datasets["train"][index]
 
 
-@pytest.mark.parametrize(("key", "value", "needle"), [
-    ("race", np.array(7), "7 is not a race code"),
-    ("race", np.array("Martian"), "'Martian' is not a race value"),
-    ("male", np.array(3), "3 is not a gender code"),
-    ("language", np.array(1.5), "1.5 is not an integer code"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("race", np.array(7), "7 is not a race code"),
+        ("race", np.array("Martian"), "'Martian' is not a race value"),
+        ("male", np.array(3), "3 is not a gender code"),
+        ("language", np.array(1.5), "1.5 is not an integer code"),
+    ],
+)
 def test_unknown_attribute_code(tree: Path, key, value, needle):
     path = _first(tree)
     _rewrite(path, **{key: value})
@@ -155,8 +160,12 @@ def test_missing_root_and_bad_config_are_one_line_cli_errors(tmp_path: Path, cap
 
 def test_table_missing_column_names_file_and_column(tmp_path: Path):
     make_tree(tmp_path, "table", n=60)
-    cfg = DataConfig(kind="table", path=str(tmp_path / "table.csv"), label="glaucoma",
-                     columns={"A": {"columns": ["a01", "a99"]}})  # fmt: skip
+    cfg = DataConfig(
+        kind="table",
+        path=str(tmp_path / "table.csv"),
+        label="glaucoma",
+        columns={"A": {"columns": ["a01", "a99"]}},
+    )
     with pytest.raises(UserError, match=r"table\.csv: column 'a99' not found \(columns: \["):
         build_data(cfg)
 

@@ -24,7 +24,9 @@ def tree(tmp_path: Path, fairvision_tree) -> Path:
 
 
 def _cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(kind="fairvision", root=root, image_size=12, oct_slices=3, num_workers=0, **kw)
+    return DataConfig(
+        kind="fairvision", root=root, image_size=12, oct_slices=3, num_workers=0, **kw
+    )
 
 
 def _same_samples(a, b) -> None:
@@ -57,7 +59,9 @@ def test_cache_holds_exactly_the_npz_tensors(tree: Path, tmp_path: Path):
     torch.testing.assert_close(a["oct"], b["oct"], rtol=0, atol=0)
     arrays = sorted(p.name for p in (Path(summary["directory"]) / "train").glob("*.npy"))
     assert arrays == ["done.npy", "fundus.npy", "oct.npy"]
-    assert np.load(Path(summary["directory"]) / "train" / "oct.npy", mmap_mode="r").dtype == np.uint8
+    assert (
+        np.load(Path(summary["directory"]) / "train" / "oct.npy", mmap_mode="r").dtype == np.uint8
+    )
 
 
 def test_default_location_is_found_and_other_settings_ignored(tree: Path, caplog):
@@ -161,3 +165,27 @@ def test_fairvlmed_cache_keeps_notes(fairvlmed_tree, tmp_path: Path):
     cfg = DataConfig(kind="fairvlmed", root=root, image_size=12, cache=str(tmp_path / "c"))
     prepare_cache(cfg, tmp_path / "c", workers=0, progress=False)
     _same_samples(build_data(cfg.model_copy(update={"cache": "off"})), build_data(cfg))
+
+
+def test_prefetch_thread_yields_the_same_batches_and_errors(tree: Path, tmp_path: Path):
+    cfg = _cfg(tree, cache=str(tmp_path / "cache"))
+    prepare_cache(cfg, tmp_path / "cache", workers=0, progress=False)
+    bundle = build_data(cfg)
+    plain = list(make_loader(bundle, "train", batch_size=4, shuffle=True, seed=2))
+    threaded = make_loader(
+        bundle, "train", batch_size=4, shuffle=True, seed=2, prefetch_thread=True
+    )
+    assert len(threaded) == len(plain) and threaded.batch_size == 4
+    got = list(threaded)
+    assert [b["sample_id"] for b in got] == [b["sample_id"] for b in plain]
+    torch.testing.assert_close(got[-1]["fundus"], plain[-1]["fundus"], rtol=0, atol=0)
+    next(iter(threaded))  # stopping early leaves no thread behind
+    import threading
+
+    assert not any(t.name == "multifair-prefetch" and t.is_alive() for t in threading.enumerate())
+    # an error in the reading thread reaches the consumer
+    npz = build_data(cfg.model_copy(update={"cache": "off"}), ["train"])
+    victim = Path(npz.datasets["train"].records.paths[0])
+    victim.write_bytes(b"junk")
+    with pytest.raises(UserError, match="unreadable npz"):
+        list(make_loader(npz, "train", batch_size=4, prefetch_thread=True))

@@ -52,8 +52,16 @@ def _check_against_npz(bundle, meta, k: int = 3) -> None:
 def test_every_layout_and_dtype_reads_back(
     tmp_path: Path, layout, test_name, fundus_dtype, race_codes, compress
 ):
-    meta = make_tree(tmp_path, layout=layout, test_name=test_name, fundus_dtype=fundus_dtype,
-                     race_codes=race_codes, compress=compress, csv_bom=compress, seed=3)  # fmt: skip
+    meta = make_tree(
+        tmp_path,
+        layout=layout,
+        test_name=test_name,
+        fundus_dtype=fundus_dtype,
+        race_codes=race_codes,
+        compress=compress,
+        csv_bom=compress,
+        seed=3,
+    )
     cfg = DataConfig(kind="fairvision", root=tmp_path, image_size=16, oct_slices=4, num_workers=0)
     bundle = build_data(cfg)
     assert bundle.source == "npz"

@@ -35,8 +35,15 @@ def test_released_note_fallbacks():
 
 @pytest.mark.parametrize("test_name", ["Test", "Testing", "test"])
 def test_reads_back_with_every_test_spelling(tmp_path: Path, test_name: str):
-    meta = make_tree(tmp_path, "fairvlmed", test_name=test_name, race_codes="legacy", seed=1,
-                     fundus_dtype="float32", empty_note_rate=0.2)  # fmt: skip
+    meta = make_tree(
+        tmp_path,
+        "fairvlmed",
+        test_name=test_name,
+        race_codes="legacy",
+        seed=1,
+        fundus_dtype="float32",
+        empty_note_rate=0.2,
+    )
     bundle = build_data(DataConfig(kind="fairvlmed", root=tmp_path, image_size=16, num_workers=0))
     truth = meta_by_id(meta)
     assert list(bundle.modalities) == ["fundus", "note"]

@@ -22,9 +22,30 @@ from multifair.data.synthetic import (
     render_oct,
 )
 
-FV_KEYS = {"slo_fundus", "oct_bscans", "glaucoma", "race", "male", "hispanic", "maritalstatus", "language"}
-VLM_KEYS = {"slo_fundus", "glaucoma", "gender", "race", "ethnicity", "language", "maritalstatus",
-            "age", "md", "tds", "note", "note_extra"}  # fmt: skip
+FV_KEYS = {
+    "slo_fundus",
+    "oct_bscans",
+    "glaucoma",
+    "race",
+    "male",
+    "hispanic",
+    "maritalstatus",
+    "language",
+}
+VLM_KEYS = {
+    "slo_fundus",
+    "glaucoma",
+    "gender",
+    "race",
+    "ethnicity",
+    "language",
+    "maritalstatus",
+    "age",
+    "md",
+    "tds",
+    "note",
+    "note_extra",
+}
 
 
 def test_fairvision_keys_dtypes_and_csv(tmp_path: Path):
@@ -41,8 +62,18 @@ def test_fairvision_keys_dtypes_and_csv(tmp_path: Path):
     csv = tmp_path / "data_summary_glaucoma.csv"
     assert csv.read_bytes().startswith(b"\xef\xbb\xbf")
     frame = pd.read_csv(csv, encoding="utf-8-sig")
-    assert list(frame.columns) == ["filename", "use", "glaucoma", "age", "gender", "race", "ethnicity",
-                                   "language", "maritalstatus", "md"]  # fmt: skip
+    assert list(frame.columns) == [
+        "filename",
+        "use",
+        "glaucoma",
+        "age",
+        "gender",
+        "race",
+        "ethnicity",
+        "language",
+        "maritalstatus",
+        "md",
+    ]
     assert set(frame["use"]) == {"training", "validation", "test"}
     assert set(frame["glaucoma"]) <= {"yes", "no"}
 
@@ -56,23 +87,35 @@ def test_fairvlmed_keys_and_csvs(tmp_path: Path):
         assert z["tds"].shape == (52,)
     for name in ("data_summary.csv", "gpt-4_summarized_notes.csv", "original_notes.csv"):
         assert (tmp_path / name).is_file()
-    summaries = pd.read_csv(tmp_path / "gpt-4_summarized_notes.csv", keep_default_na=False)["summary"]
+    summaries = pd.read_csv(tmp_path / "gpt-4_summarized_notes.csv", keep_default_na=False)[
+        "summary"
+    ]
     assert summaries.str.len().max() <= 180
 
 
 def test_knobs_mix_unknowns_degenerate_and_reproducibility(tmp_path: Path):
-    knobs = {"n": 2000, "group_mix": [0.1, 0.2, 0.7], "pos_rate": 0.3, "unknown_rate": 0.2,
-             "degenerate": "language=2", "seed": 7}  # fmt: skip
+    knobs = {
+        "n": 2000,
+        "group_mix": [0.1, 0.2, 0.7],
+        "pos_rate": 0.3,
+        "unknown_rate": 0.2,
+        "degenerate": "language=2",
+        "seed": 7,
+    }
     meta = make_tree(tmp_path / "a", "table", **knobs)
     frame = pd.read_csv(tmp_path / "a" / "table.csv")
     shares = frame["race"].value_counts(normalize=True)
-    assert shares["Asian"] == pytest.approx(0.1, abs=0.03) and shares["White"] == pytest.approx(0.7, abs=0.03)
+    assert shares["Asian"] == pytest.approx(0.1, abs=0.03) and shares["White"] == pytest.approx(
+        0.7, abs=0.03
+    )
     y = (frame["glaucoma"] == "yes").to_numpy()
     assert y.mean() == pytest.approx(0.3, abs=0.04)
     # the generator's own samples agree with the table
     assert [s["label"] for s in meta["samples"]] == y.astype(int).tolist()
     again = make_tree(tmp_path / "b", "table", **knobs)
-    assert (tmp_path / "a" / "table.csv").read_bytes() == (tmp_path / "b" / "table.csv").read_bytes()
+    assert (tmp_path / "a" / "table.csv").read_bytes() == (
+        tmp_path / "b" / "table.csv"
+    ).read_bytes()
     assert again["best_auc"] == meta["best_auc"]
 
 
@@ -95,7 +138,9 @@ def test_best_auc_theory_is_phi_of_half_dprime(tmp_path: Path):
     phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
     assert best["Asian"]["A_theory"] == pytest.approx(phi(0.5 / math.sqrt(2)), abs=1e-4)
     assert best["White"]["A_theory"] == pytest.approx(phi(2.0 / math.sqrt(2)), abs=1e-4)
-    assert best["Black"]["joint_theory"] == pytest.approx(phi(math.hypot(1.0, 1.5) / math.sqrt(2)), abs=1e-4)
+    assert best["Black"]["joint_theory"] == pytest.approx(
+        phi(math.hypot(1.0, 1.5) / math.sqrt(2)), abs=1e-4
+    )
     assert len(meta["samples"]) == 200 and set(meta["samples"][0]["latent"]) == {"A", "B"}
 
 
@@ -112,7 +157,9 @@ def test_table_A_is_linear_and_B_is_a_pattern_without_mean_shift(tmp_path: Path)
     assert roc_auc_score(y[test & white], score[test & white]) > 0.9  # strong for the majority
     assert roc_auc_score(y[test & ~white], score[test & ~white]) < 0.8  # weak for minorities
     lr_b = LogisticRegression(max_iter=1000).fit(b[train], y[train])
-    assert abs(roc_auc_score(y[test], lr_b.decision_function(b[test])) - 0.5) < 0.08  # no linear signal
+    assert (
+        abs(roc_auc_score(y[test], lr_b.decision_function(b[test])) - 0.5) < 0.08
+    )  # no linear signal
     triple = np.prod(b.reshape(len(b), 4, 3), axis=2).mean(axis=1)  # the 3-way sign product
     assert roc_auc_score(y[test], triple[test]) > 0.7
 
@@ -120,7 +167,9 @@ def test_table_A_is_linear_and_B_is_a_pattern_without_mean_shift(tmp_path: Path)
 def test_image_renderers_put_the_signal_where_documented():
     n = 120
     s = np.linspace(-2.5, 2.5, n)
-    fundus = [render_fundus((32, 32), v, False, np.random.default_rng([0, i])) for i, v in enumerate(s)]
+    fundus = [
+        render_fundus((32, 32), v, False, np.random.default_rng([0, i])) for i, v in enumerate(s)
+    ]
     disc = [fundus_statistic(f, False) for f in fundus]
     assert np.corrcoef(s, disc)[0, 1] > 0.9  # brightness-like, monotone in s
     alt = [render_fundus((32, 32), v, True, np.random.default_rng([1, i])) for i, v in enumerate(s)]
@@ -132,7 +181,12 @@ def test_image_renderers_put_the_signal_where_documented():
     # no mean shift; the global contrast moves by < 2% of its value across the whole range
     assert abs(np.corrcoef(s, means)[0, 1]) < 0.3
     assert abs(np.polyfit(s, stds, 1)[0]) * 5 < 0.02 * stds.mean()
-    assert np.corrcoef(s, [oct_statistic(v) for v in vols])[0, 1] > 0.8  # orientation follows s
+    band = np.corrcoef(s, [oct_statistic(v) for v in vols])[0, 1]
+    assert band > 0.8  # orientation follows s
+    whole = [
+        render_oct((6, 32, 32), v, np.random.default_rng([2, i]), "slice") for i, v in enumerate(s)
+    ]
+    assert np.corrcoef(s, [oct_statistic(v) for v in whole])[0, 1] > band  # more textured area
 
 
 def test_note_signal_needs_word_pairs(tmp_path: Path):
@@ -146,7 +200,9 @@ def test_note_signal_needs_word_pairs(tmp_path: Path):
     for ngram in ((1, 1), (2, 2)):
         vec = CountVectorizer(ngram_range=ngram).fit(frame["note"][train])
         lr = LogisticRegression(max_iter=2000).fit(vec.transform(frame["note"][train]), y[train])
-        aucs[ngram] = roc_auc_score(y[test], lr.decision_function(vec.transform(frame["note"][test])))
+        aucs[ngram] = roc_auc_score(
+            y[test], lr.decision_function(vec.transform(frame["note"][test]))
+        )
     assert aucs[(1, 1)] < 0.62 < 0.68 < aucs[(2, 2)]
 
 

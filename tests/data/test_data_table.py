@@ -30,9 +30,15 @@ def test_diabetes_config_against_sklearn():
     assert bundle.group_names == {"sex": {0: "sex 1", 1: "sex 2"}, "age": {0: "<50", 1: ">=50"}}
     for split in bundle.datasets:
         rows = [int(s.split("_")[1]) for s in bundle.sample_ids(split)]
-        np.testing.assert_array_equal(bundle.labels(split), (raw["target"].to_numpy()[rows] > 140).astype(int))
-        np.testing.assert_array_equal(bundle.groups(split, "sex"), (raw["sex"].to_numpy()[rows] == 2).astype(int))
-        np.testing.assert_array_equal(bundle.groups(split, "age"), (raw["age"].to_numpy()[rows] >= 50).astype(int))
+        np.testing.assert_array_equal(
+            bundle.labels(split), (raw["target"].to_numpy()[rows] > 140).astype(int)
+        )
+        np.testing.assert_array_equal(
+            bundle.groups(split, "sex"), (raw["sex"].to_numpy()[rows] == 2).astype(int)
+        )
+        np.testing.assert_array_equal(
+            bundle.groups(split, "age"), (raw["age"].to_numpy()[rows] >= 50).astype(int)
+        )
     # standardised with the TRAIN rows' statistics (oracle: pandas on the same rows)
     train_rows = [int(s.split("_")[1]) for s in bundle.sample_ids("train")]
     test_rows = [int(s.split("_")[1]) for s in bundle.sample_ids("test")]
@@ -48,18 +54,20 @@ def test_diabetes_config_against_sklearn():
 
 def _mixed_frame(n: int = 60) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame({
-        "id": [f"p{i}" for i in range(n)],
-        "num": rng.normal(10, 2, n),
-        "flag_tf": rng.choice(["t", "f"], n),
-        "flag_yes": rng.choice(["yes", "no", "Yes"], n),
-        "flag_bool": rng.choice(["TRUE", "FALSE"], n),
-        "cat": rng.choice(["a", "b", "c"], n),
-        "note": [f"note {i}" for i in range(n)],
-        "sex": rng.choice(["F", "M"], n),
-        "outcome": rng.choice(["pos", "neg"], n),
-        "use": ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4),
-    })  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(n)],
+            "num": rng.normal(10, 2, n),
+            "flag_tf": rng.choice(["t", "f"], n),
+            "flag_yes": rng.choice(["yes", "no", "Yes"], n),
+            "flag_bool": rng.choice(["TRUE", "FALSE"], n),
+            "cat": rng.choice(["a", "b", "c"], n),
+            "note": [f"note {i}" for i in range(n)],
+            "sex": rng.choice(["F", "M"], n),
+            "outcome": rng.choice(["pos", "neg"], n),
+            "use": ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4),
+        }
+    )
     frame.loc[[1, 5, 7], "num"] = np.nan
     frame.loc[[2], "flag_tf"] = np.nan
     frame.loc[[3, n - 20], "cat"] = np.nan
@@ -69,12 +77,18 @@ def _mixed_frame(n: int = 60) -> pd.DataFrame:
 
 def _mixed_cfg(path: Path, **kw) -> DataConfig:
     return DataConfig(
-        kind="table", path=str(path), label={"column": "outcome", "positive": ["pos"]},
-        attribute="sex", id_column="id", split={"column": "use"},
-        columns={"labs": {"columns": ["num", "flag_tf", "flag_yes", "flag_bool", "cat"]},
-                 "text": {"kind": "text", "column": "note"}},
+        kind="table",
+        path=str(path),
+        label={"column": "outcome", "positive": ["pos"]},
+        attribute="sex",
+        id_column="id",
+        split={"column": "use"},
+        columns={
+            "labs": {"columns": ["num", "flag_tf", "flag_yes", "flag_bool", "cat"]},
+            "text": {"kind": "text", "column": "note"},
+        },
         **kw,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
@@ -84,8 +98,18 @@ def test_mixed_types_encoding_and_imputation(tmp_path: Path, suffix: str):
     frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
     bundle = build_data(_mixed_cfg(path))
     spec = bundle.modalities["labs"]
-    assert spec.features == ("num", "num__missing", "flag_tf", "flag_tf__missing", "flag_yes",
-                             "flag_bool", "cat=a", "cat=b", "cat=c", "cat__missing")  # fmt: skip
+    assert spec.features == (
+        "num",
+        "num__missing",
+        "flag_tf",
+        "flag_tf__missing",
+        "flag_yes",
+        "flag_bool",
+        "cat=a",
+        "cat=b",
+        "cat=c",
+        "cat__missing",
+    )
     assert bundle.group_names["sex"] == {0: "F", 1: "M"}
     train = frame[frame["use"] == "train"]
     num = train["num"]
@@ -130,14 +154,25 @@ def test_state_roundtrip_for_predict_on_new_data(tmp_path: Path):
 
 def test_label_rules_bins_and_seeded_split(tmp_path: Path):
     rng = np.random.default_rng(1)
-    frame = pd.DataFrame({"score": rng.normal(0, 1, 200), "age": rng.uniform(20, 90, 200),
-                          "x": rng.normal(0, 1, 200)})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "score": rng.normal(0, 1, 200),
+            "age": rng.uniform(20, 90, 200),
+            "x": rng.normal(0, 1, 200),
+        }
+    )
     frame.loc[0, "age"] = np.nan
     path = tmp_path / "t.csv"
     frame.to_csv(path, index=False)
-    cfg = DataConfig(kind="table", path=str(path), label={"column": "score", "rule": ">= 0.5"},
-                     attribute="age", attribute_columns={"age": {"column": "age", "bins": [40, 65]}},
-                     columns={"m": {"columns": ["x"]}}, split={"seed": 3})  # fmt: skip
+    cfg = DataConfig(
+        kind="table",
+        path=str(path),
+        label={"column": "score", "rule": ">= 0.5"},
+        attribute="age",
+        attribute_columns={"age": {"column": "age", "bins": [40, 65]}},
+        columns={"m": {"columns": ["x"]}},
+        split={"seed": 3},
+    )
     a, b = build_data(cfg), build_data(cfg)
     assert a.group_names["age"] == {0: "<40", 1: "40-65", 2: ">=65"}
     ids = {s: set(a.sample_ids(s)) for s in a.datasets}
@@ -145,7 +180,9 @@ def test_label_rules_bins_and_seeded_split(tmp_path: Path):
     assert all(a.sample_ids(s) == b.sample_ids(s) for s in a.datasets)  # seeded
     for split in a.datasets:
         rows = [int(s.split("_")[1]) for s in a.sample_ids(split)]
-        np.testing.assert_array_equal(a.labels(split), (frame["score"].to_numpy()[rows] >= 0.5).astype(int))
+        np.testing.assert_array_equal(
+            a.labels(split), (frame["score"].to_numpy()[rows] >= 0.5).astype(int)
+        )
         expected = np.digitize(frame["age"].to_numpy()[rows], [40, 65])
         expected[np.isnan(frame["age"].to_numpy()[rows])] = -1
         np.testing.assert_array_equal(a.groups(split), expected)
@@ -156,7 +193,9 @@ def test_label_rules_bins_and_seeded_split(tmp_path: Path):
 def test_one_file_per_split(tmp_path: Path):
     frame = _mixed_frame(40).drop(columns=["use"])
     paths = {}
-    for split, part in zip(("train", "val", "test"), (frame.iloc[:14], frame.iloc[14:27], frame.iloc[27:])):
+    for split, part in zip(
+        ("train", "val", "test"), (frame.iloc[:14], frame.iloc[14:27], frame.iloc[27:])
+    ):
         paths[split] = str(tmp_path / f"{split}.csv")
         part.to_csv(paths[split], index=False)
     cfg = _mixed_cfg(tmp_path / "x.csv").model_copy(update={"path": paths})
@@ -164,12 +203,15 @@ def test_one_file_per_split(tmp_path: Path):
     assert [len(bundle.datasets[s]) for s in ("train", "val", "test")] == [14, 13, 13]
 
 
-@pytest.mark.parametrize(("column", "value", "needle"), [
-    ("outcome", np.nan, "row 4: label is missing"),
-    ("num", "abc", "row 4: column 'num': 'abc' is not a number"),
-    ("sex", "X", "row 4: column 'sex': 'X' is not a known group"),
-    ("use", "later", "row 4: 'later' is not a split name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("column", "value", "needle"),
+    [
+        ("outcome", np.nan, "row 4: label is missing"),
+        ("num", "abc", "row 4: column 'num': 'abc' is not a number"),
+        ("sex", "X", "row 4: column 'sex': 'X' is not a known group"),
+        ("use", "later", "row 4: 'later' is not a split name"),
+    ],
+)
 def test_bad_cells_name_row_column_and_value(tmp_path: Path, column, value, needle):
     frame = _mixed_frame()
     frame[column] = frame[column].astype(object)
@@ -192,15 +234,29 @@ def test_image_path_column(tmp_path: Path):
     (tmp_path / "img").mkdir()
     rows = []
     for i in range(12):
-        np.savez(tmp_path / "img" / f"{i}.npz", pixels=rng.integers(0, 255, (20, 20), dtype=np.uint8))
+        np.savez(
+            tmp_path / "img" / f"{i}.npz", pixels=rng.integers(0, 255, (20, 20), dtype=np.uint8)
+        )
         rows.append({"file": f"img/{i}.npz", "y": i % 2, "g": "ab"[i % 3 == 0], "v": float(i)})
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
-    cfg = DataConfig(kind="table", path=str(tmp_path / "t.csv"), label="y", attribute="g",
-                     columns={"img": {"kind": "image", "column": "file", "key": "pixels"},
-                              "v": {"columns": ["v"]}},
-                     split={"fractions": {"train": 0.5, "test": 0.5}}, image_size=20)  # fmt: skip
+    cfg = DataConfig(
+        kind="table",
+        path=str(tmp_path / "t.csv"),
+        label="y",
+        attribute="g",
+        columns={
+            "img": {"kind": "image", "column": "file", "key": "pixels"},
+            "v": {"columns": ["v"]},
+        },
+        split={"fractions": {"train": 0.5, "test": 0.5}},
+        image_size=20,
+    )
     bundle = build_data(cfg, ["train", "test"])
-    assert bundle.modalities["img"].kind == "image" and bundle.modalities["img"].stored_shape == (1, 20, 20)
+    assert bundle.modalities["img"].kind == "image" and bundle.modalities["img"].stored_shape == (
+        1,
+        20,
+        20,
+    )
     sample = bundle.datasets["test"][0]
     index = int(sample["sample_id"].split("_")[1])
     with np.load(tmp_path / "img" / f"{index}.npz") as z:

@@ -25,7 +25,9 @@ from multifair.data.transforms import (
 
 
 def test_slice_indices_match_the_released_choice():
-    np.testing.assert_array_equal(slice_indices(200, 10), [0, 22, 44, 66, 88, 110, 132, 154, 176, 199])
+    np.testing.assert_array_equal(
+        slice_indices(200, 10), [0, 22, 44, 66, 88, 110, 132, 154, 176, 199]
+    )
     np.testing.assert_array_equal(slice_indices(128, 10), np.linspace(0, 127, 10).astype(int))
     assert slice_indices(1, 3).tolist() == [0, 0, 0]
 
@@ -46,7 +48,9 @@ def test_image_eval_is_gray_to_rgb_and_imagenet_normalisation():
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(2, 1, 5, 5), dtype=np.uint8)
     got = image_to_model(torch.from_numpy(x), channels=3, train=True, augment=False).numpy()
-    expected = (x / 255.0 - np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)) / np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    expected = (x / 255.0 - np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)) / np.array(
+        IMAGENET_STD
+    ).reshape(1, 3, 1, 1)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # eval never augments, even with augment on
     a = image_to_model(torch.from_numpy(x), 3, train=False, augment=True)
@@ -57,7 +61,13 @@ def test_train_augmentation_flips_and_jitters_reproducibly():
     x = torch.arange(4 * 6 * 6, dtype=torch.float32).remainder(256).to(torch.uint8).view(4, 1, 6, 6)
     gen = torch.Generator().manual_seed(3)
     a = image_to_model(x.repeat(8, 1, 1, 1), 3, train=True, augment=True, generator=gen)
-    b = image_to_model(x.repeat(8, 1, 1, 1), 3, train=True, augment=True, generator=torch.Generator().manual_seed(3))
+    b = image_to_model(
+        x.repeat(8, 1, 1, 1),
+        3,
+        train=True,
+        augment=True,
+        generator=torch.Generator().manual_seed(3),
+    )
     torch.testing.assert_close(a, b)
     plain = image_to_model(x.repeat(8, 1, 1, 1), 3, train=False, augment=True)
     changed = (a - plain).abs().flatten(1).amax(1) > 1e-4

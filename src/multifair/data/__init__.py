@@ -21,6 +21,8 @@ The API the rest of multifair calls::
 
 Under DDP pass `sampler=DistributedSampler(bundle.datasets["train"], shuffle=True, seed=seed)`
 to `make_loader` (and call `sampler.set_epoch(epoch)`); `bundle.collate` is the collate_fn.
+Reading from the cache, `make_loader(..., num_workers=0, prefetch_thread=True)` is the fastest
+(a background thread instead of worker processes; see docs/benchmarks.md "Data loading").
 
 Fitted preprocessing (tables: encoders, imputation, standardisation, fitted on train only)
 travels with the run: store `bundle.state()` (JSON-able) and rebuild with
@@ -36,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from multifair.data.bundle import Collator, DataBundle, ModalitySpec, make_loader
+from multifair.data.bundle import Collator, DataBundle, ModalitySpec, PrefetchLoader, make_loader
 from multifair.data.config import (
     SPLITS,
     AttributeColumn,
@@ -56,6 +58,7 @@ __all__ = [
     "DataConfig",
     "LabelSpec",
     "ModalitySpec",
+    "PrefetchLoader",
     "SplitSpec",
     "TableModality",
     "build_data",

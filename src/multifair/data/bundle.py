@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -236,6 +238,61 @@ def state_group_names(state: Mapping[str, Any]) -> dict[str, dict[int, str]]:
     }
 
 
+class PrefetchLoader:
+    """Iterates a DataLoader in a background thread, `depth` batches ahead.
+
+    For the memory-mapped cache a batch is a few large memcpys, which release the GIL: a
+    thread overlaps them with the training step without the shared-memory hand-over that
+    worker processes pay per batch (see docs/benchmarks.md, "Data loading"). Everything else
+    (len, sampler, dataset, batch_size) is the wrapped DataLoader's.
+    """
+
+    _DONE = object()
+
+    def __init__(self, loader: DataLoader, depth: int = 4) -> None:
+        self.loader = loader
+        self.depth = depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for batch in self.loader:
+                    while not stop.is_set():
+                        try:
+                            batches.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                batches.put(self._DONE)
+            except BaseException as exc:  # hand the error (e.g. a BadFile) to the consumer
+                batches.put(exc)
+
+        thread = threading.Thread(target=produce, name="multifair-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is self._DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+
 def make_loader(
     bundle: DataBundle,
     split: str,
@@ -246,12 +303,15 @@ def make_loader(
     num_workers: int | None = None,
     drop_last: bool = False,
     pin_memory: bool | None = None,
-) -> DataLoader:
+    prefetch_thread: bool = False,
+) -> DataLoader | PrefetchLoader:
     """A DataLoader over one split that yields collated (uint8) batches.
 
     Pass a `sampler` (e.g. `DistributedSampler(bundle.datasets[split], shuffle=True,
     seed=seed)`, with `sampler.set_epoch(epoch)` each epoch) to shard across ranks; then
-    `shuffle` must be False. `num_workers` defaults to the config's.
+    `shuffle` must be False. `num_workers` defaults to the config's. `prefetch_thread=True`
+    (with `num_workers=0`) reads batches in a background thread instead - the fastest way to
+    read the memory-mapped cache (see `PrefetchLoader`).
     """
     if split not in bundle.datasets:
         raise UserError(f"split {split!r} was not loaded (loaded: {sorted(bundle.datasets)})")
@@ -260,7 +320,7 @@ def make_loader(
     workers = bundle.config.num_workers if num_workers is None else num_workers
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    loader = DataLoader(
         bundle.datasets[split],
         batch_size=batch_size,
         shuffle=shuffle if sampler is None else False,
@@ -273,3 +333,4 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
+    return PrefetchLoader(loader) if prefetch_thread else loader

@@ -100,6 +100,14 @@ def add_parser(subparsers: Any) -> None:
         choices=[2, 3],
         help="table B: XOR over column pairs (2, learnt fast) or triples (3, default)",
     )
+    synth.add_argument(
+        "--oct-region",
+        choices=["band", "slice"],
+        help="OCT signal in the retina band (default; for 64 px, 10 slices) or the whole slice",
+    )
+    synth.add_argument(
+        "--oct-tilt", type=float, help="max OCT texture tilt in radians (default 0.45)"
+    )
     synth.add_argument("--fundus-shape", type=_ints, help="H,W")
     synth.add_argument("--oct-shape", type=_ints, help="D,H,W")
     synth.add_argument("--force", action="store_true", help="replace OUT if it is not empty")
@@ -163,6 +171,8 @@ def _synth(args: argparse.Namespace) -> int:
         "split",
         "empty_note_rate",
         "table_order",
+        "oct_region",
+        "oct_tilt",
         "fundus_shape",
         "oct_shape",
     ):

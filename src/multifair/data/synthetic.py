@@ -101,6 +101,8 @@ class SynthKnobs(BaseModel):
     slo_jpg: bool = False  # fairvision: write slo_xxxxx.jpg beside each npz (ignored by loaders)
     empty_note_rate: float = Field(0.01, ge=0, le=1)
     table_order: Literal[2, 3] = 3  # table B: XOR over column pairs (easier) or triples
+    oct_region: Literal["band", "slice"] = "band"  # where the OCT texture carries the signal
+    oct_tilt: float = Field(0.45, gt=0, le=0.78)  # max texture tilt (radians) away from 45 deg
     fundus_shape: list[int] | None = None  # (H, W)
     oct_shape: list[int] | None = None  # (D, H, W)
 
@@ -293,25 +295,33 @@ def fundus_statistic(img: np.ndarray, alt_pattern: bool) -> float:
     return float(ring - inner) if alt_pattern else float(inner - ring)
 
 
-OCT_ANGLE_SCALE = 0.45  # max tilt away from 45 degrees (radians)
+OCT_TILT = 0.45  # default max tilt away from 45 degrees (radians)
 OCT_TEXTURE = 25.0  # texture amplitude in gray levels
 
 
-def oct_angle(s: float) -> float:
+def oct_angle(s: float, tilt: float = OCT_TILT) -> float:
     """Texture orientation: 0 = horizontal streaks, pi/2 = vertical; pi/4 at s = 0."""
-    return math.pi / 4 + OCT_ANGLE_SCALE * math.tanh(s / 1.5)
+    return math.pi / 4 + tilt * math.tanh(s / 1.5)
 
 
-def render_oct(shape: Sequence[int], s: float, rng: np.random.Generator) -> np.ndarray:
+def render_oct(
+    shape: Sequence[int],
+    s: float,
+    rng: np.random.Generator,
+    region: str = "band",
+    tilt: float = OCT_TILT,
+) -> np.ndarray:
     """An OCT volume (D, H, W) uint8: a bright, wavy retina band whose streak texture is
     oriented by s (RNFL-like: the signal lives only inside the band); the texture outside
     is isotropic. Mean and variance are the same for every s - no mean shift.
 
-    Tuned by prototyping (docs/data.md): a small per-slice CNN learns it alone in 2-4 epochs
-    at 64 px; with the whole slice textured it was learnt in 10 steps (too easy to lag),
-    with half the tilt it was barely learnable."""
+    `region="slice"` orients the texture over the whole slice instead (more signal per pixel:
+    for models that read small slices). Tuned by prototyping (docs/data.md): at 64 px and 10
+    slices a small per-slice CNN learns the default alone in 3-4 epochs; the whole slice
+    textured was learnt in 10 steps (too easy to lag), the band with tilt 0.3 barely at all.
+    At 32 px and 4 slices the band is not learnable; `region="slice", tilt=0.3` is."""
     d, h, w = shape
-    theta = oct_angle(s)
+    theta = oct_angle(s, tilt)
     length = max(3, w // 10)
     horiz = _box_smooth(rng.standard_normal((d, h, w), dtype=np.float32), 2, length)
     vert = _box_smooth(rng.standard_normal((d, h, w), dtype=np.float32), 1, length)
@@ -320,7 +330,7 @@ def render_oct(shape: Sequence[int], s: float, rng: np.random.Generator) -> np.n
     yy, xx = _grid(h, w)
     centre = 0.45 + 0.05 * np.sin(2 * np.pi * xx + rng.uniform(0, 2 * np.pi))
     profile = np.exp(-((yy - centre) ** 2) / (2 * 0.08**2))  # (H, W)
-    inside = (profile > 0.3).astype(np.float32)
+    inside = (profile > 0.3).astype(np.float32) if region == "band" else np.ones_like(profile)
     oriented = math.cos(theta) * horiz + math.sin(theta) * vert
     isotropic = (horiz + vert) / math.sqrt(2)
     texture = inside * oriented + (1 - inside) * isotropic
@@ -583,7 +593,7 @@ def _write_fairvision(
         r = np.random.default_rng([k.seed, i])
         alt = _alt(k, pop, i)
         fundus = render_fundus(fshape, pop["latents"]["fundus"][i], alt, r)
-        volume = render_oct(oshape, pop["latents"]["oct"][i], r)
+        volume = render_oct(oshape, pop["latents"]["oct"][i], r, k.oct_region, k.oct_tilt)
         stats["fundus"].append(fundus_statistic(fundus, alt))
         stats["oct"].append(oct_statistic(volume))
         split = pop["split"][i]
