@@ -294,20 +294,10 @@ def load_run(
     return LoadedRun(cfg, data, model, method, modalities, dev, str(path))
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    split: str = "test",
-    *,
-    which: str = "best",
-    n_boot: int = 0,
-    device: str = "auto",
-) -> tuple[dict[str, Any], Predictions, LoadedRun]:
-    """The metrics summary of a trained run on one split of its own data."""
+def _predict_split(loaded: Any, split: str) -> Any:
+    """Predictions of a loaded run's selected model on one split of its data."""
     from multifair.training.trainer import make_loader, resolve_amp
 
-    if split not in ("train", "val", "test"):
-        raise UserError(f"--split {split!r}: not one of ['test', 'train', 'val']")
-    loaded = load_run(run_dir, which=which, splits=(split,), device=device)
     env = DistEnv(device=loaded.device)
     tc = loaded.cfg.train
     loader, _ = make_loader(
@@ -318,7 +308,7 @@ def evaluate_run(
         train=False,
         seed=tc.seed,
     )
-    preds = predict(
+    return predict(
         loaded.model,
         loaded.method,
         loader,
@@ -326,6 +316,22 @@ def evaluate_run(
         env=env,
         amp_dtype=resolve_amp(tc.amp, loaded.device),
     )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    split: str = "test",
+    *,
+    which: str = "best",
+    n_boot: int = 0,
+    device: str = "auto",
+) -> tuple[dict[str, Any], Predictions, LoadedRun]:
+    """The metrics summary of a trained run on one split of its own data."""
+    if split not in ("train", "val", "test"):
+        raise UserError(f"--split {split!r}: not one of ['test', 'train', 'val']")
+    loaded = load_run(run_dir, which=which, splits=(split,), device=device)
+    tc = loaded.cfg.train
+    preds = _predict_split(loaded, split)
     summary = evaluate_predictions(
         preds, loaded.data.group_names, loaded.data.train_attribute, n_boot=n_boot, seed=tc.seed
     )
@@ -369,32 +375,14 @@ def predict_run(
 
     from multifair.training import run
     from multifair.training.config import resolve_run_config
-    from multifair.training.trainer import make_loader, resolve_amp
 
     cfg = resolve_run_config(base=run.read_config(run_dir))
     data_cfg = data_config_for(cfg.data, data)
     splits = list(splits or (["all"] if data_cfg.kind == "table" else ["train", "val", "test"]))
     loaded = load_run(run_dir, which=which, data_override=data_cfg, splits=splits, device=device)
-    env = DistEnv(device=loaded.device)
-    tc = loaded.cfg.train
     frames = []
     for split in splits:
-        loader, _ = make_loader(
-            loaded.data,
-            split,
-            env,
-            batch_size=tc.eval_batch_size or tc.batch_size,
-            train=False,
-            seed=tc.seed,
-        )
-        preds = predict(
-            loaded.model,
-            loaded.method,
-            loader,
-            to_device=loaded.data.to_device,
-            env=env,
-            amp_dtype=resolve_amp(tc.amp, loaded.device),
-        )
+        preds = _predict_split(loaded, split)
         frames.append(predictions_frame(preds, split, loaded.data.group_names))
     frame = pd.concat(frames, ignore_index=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
