@@ -204,7 +204,7 @@ def _train(method: Method, steps: int = 6) -> tuple[TinyMultimodal, list[dict[st
         {"temperature": math.inf},  # equal softmax weights
         {"temperature": math.inf, "guard": False},
         {"guard": "trend", "trend_z_on": 1e9, "trend_z_full": 2e9},  # gate never opens
-        {"level_z_on": 1e9, "level_z_full": 2e9},  # gate never opens
+        {"level_z_on": 1e9, "level_z_full": 2e9, "trial": 0.0},  # gate never opens
         {"floor": 1.0, "guard": False},  # every factor pinned at 1
     ],
 )
@@ -501,3 +501,19 @@ def test_factors_are_identical_across_ranks_and_equal_the_global_batch():
     assert torch.equal(factors[0], factors[1])
     assert torch.equal(factors[0], whole)
     assert not torch.equal(whole, torch.ones(2))
+
+
+def test_level_guard_trial_window_balances_a_head_at_chance_then_closes():
+    """During the trial the gate is open even at chance (a suppressed modality looks like
+    noise until it gets steps); afterwards a head still at chance closes it again."""
+    aucs = _auc_sequence(1200, lambda t: 0.0, seed=5)  # lag: pure noise
+    method = _method()
+    trial = [method.observe(a, torch.tensor([True, True]), in_trial=True) for a in aucs[:600]]
+    after = [method.observe(a, torch.tensor([True, True])) for a in aucs[600:]]
+    assert all(float(r["active"]) == 1.0 for r in trial)
+    assert float(trial[-1]["lr_factor/lead"]) == pytest.approx(0.5)  # throttled to the floor
+    assert float(torch.stack([r["active"] for r in after]).mean()) < 0.1
+    # the trend guard ignores the trial window
+    trend = _method(guard="trend")
+    rows = [trend.observe(a, torch.tensor([True, True]), in_trial=True) for a in aucs[:600]]
+    assert float(torch.stack([r["active"] for r in rows[300:]]).mean()) < 0.1
