@@ -114,3 +114,14 @@ def test_diabetes_recipe_reuses_the_data_section():
 
     recipe = load_yaml(CONFIGS / "diabetes.yaml")["data"]
     assert recipe == load_yaml(CONFIGS / "data" / "diabetes.yaml")["data"]
+
+
+def test_config_path_may_contain_an_equals_sign(tmp_path):
+    from multifair.training.cli import _split_items
+
+    path = tmp_path / "reweight p=0.5.yaml"
+    path.write_text("train: {epochs: 1}\n")
+    assert _split_items([str(path), "train.seed=3"]) == (str(path), ["train.seed=3"])
+    # a non-existent name with '=' is an override, as before
+    assert _split_items(["train.seed=3"]) == (None, ["train.seed=3"])
+    assert _split_items(["c.yaml", "a=1"]) == ("c.yaml", ["a=1"])

@@ -13,6 +13,7 @@ Under torchrun the same commands run one process per device, e.g.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from multifair.errors import UserError
 
@@ -83,11 +84,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
-    """CONFIG is the first item without '='; the rest are key=value overrides."""
+    """CONFIG is the first item if it has no '=' or names an existing file (a path may contain
+    '='); the rest are key=value overrides."""
     config = None
     overrides = []
     for item in items:
-        if "=" not in item and config is None and not overrides:
+        first = config is None and not overrides
+        if first and ("=" not in item or Path(item).is_file()):
             config = item
         else:
             overrides.append(item)
