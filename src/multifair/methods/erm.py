@@ -12,13 +12,11 @@ so a gradient-modulation method that ties with it is not doing anything. Its ste
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, PositiveFloat
 from torch import Tensor, nn
 
-from multifair.errors import UserError
 from multifair.methods.base import METHODS, LossOutput, Method, MethodParams, StepContext
-from multifair.methods.signals import apply_encoder_factors, unwrap_model
+from multifair.methods.signals import apply_encoder_factors, constant_factors, unwrap_model
 
 
 @METHODS.register("erm")
@@ -41,18 +39,9 @@ class GradFactor(Method):
 
     def __init__(self, params: GradFactorParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
-        unknown = sorted(set(params.factors) - set(modalities))
-        if unknown:
-            raise UserError(
-                f"method 'grad_factor': factors: unknown modality {unknown[0]!r}. "
-                f"Available: {list(modalities)}"
-            )
         # A buffer, so the factors move to the device with the method (no host copy per step).
-        self.register_buffer(
-            "factor",
-            torch.tensor([params.factors.get(m, 1.0) for m in modalities]),
-            persistent=False,
-        )
+        factor = constant_factors("grad_factor", params.factors, modalities)
+        self.register_buffer("factor", factor, persistent=False)
 
     def modulate_gradients(
         self, model: nn.Module, loss: LossOutput, ctx: StepContext

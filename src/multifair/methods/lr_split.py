@@ -11,12 +11,11 @@ named keep factor 1; no factors at all is plain training (`erm`). Its gradient t
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field, PositiveFloat
 from torch import Tensor
 
-from multifair.errors import UserError
 from multifair.methods.base import METHODS, LossOutput, Method, MethodParams, StepContext
+from multifair.methods.signals import constant_factors
 
 
 class LrSplitParams(MethodParams):
@@ -35,16 +34,8 @@ class LrSplit(Method):
 
     def __init__(self, params: LrSplitParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
-        unknown = sorted(set(params.factors) - set(modalities))
-        if unknown:
-            raise UserError(
-                f"method 'lr_split': factors: unknown modality {unknown[0]!r}. "
-                f"Available: {list(modalities)}"
-            )
         # A buffer, so the factors move to the device with the method (no host copy per step).
-        self.register_buffer(
-            "factor", torch.tensor([params.factors.get(m, 1.0) for m in modalities])
-        )
+        self.register_buffer("factor", constant_factors("lr_split", params.factors, modalities))
 
     def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor]:
         return {m: self.factor[i] for i, m in enumerate(self.modalities)}

@@ -185,6 +185,20 @@ def apply_encoder_factors(
             torch._foreach_mul_(grads, factor)
 
 
+def constant_factors(method: str, factors: Mapping[str, float], modalities: list[str]) -> Tensor:
+    """(M,) per-modality constants from a `{modality: factor}` mapping (missing ones: 1), for
+    the control methods; an unknown modality is a user error naming it."""
+    from multifair.errors import UserError
+
+    unknown = sorted(set(factors) - set(modalities))
+    if unknown:
+        raise UserError(
+            f"method {method!r}: factors: unknown modality {unknown[0]!r}. "
+            f"Available: {list(modalities)}"
+        )
+    return torch.tensor([float(factors.get(m, 1.0)) for m in modalities])
+
+
 def unwrap_model(model: nn.Module | None) -> nn.Module:
     """The model itself, also when wrapped in DistributedDataParallel."""
     assert model is not None, "the trainer must set StepContext.model"
