@@ -88,17 +88,23 @@ SPLIT_FOLDERS: dict[str, tuple[str, ...]] = {
 CSV_USE: dict[str, str] = {"training": "train", "validation": "val", "test": "test"}
 
 
+def _scalar(raw: Any, where: str, what: str) -> Any:
+    """An npz 0-d array or a CSV cell as a Python scalar (bytes decoded); arrays are errors."""
+    value = raw.item() if isinstance(raw, np.ndarray) and raw.ndim == 0 else raw
+    if isinstance(value, np.ndarray):
+        raise BadValue(where, f"expected {what}, got an array of shape {value.shape}")
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode("utf-8", "replace")
+    return value
+
+
 def attribute_code(attribute: str, raw: Any, where: str) -> int:
     """Map a stored attribute value (int code, float, or string) to its code, -1 for unknown.
 
     Raises `BadValue` for anything outside the vocabulary.
     """
     names = GROUP_NAMES[attribute]
-    value = raw.item() if isinstance(raw, np.ndarray) and raw.ndim == 0 else raw
-    if isinstance(value, np.ndarray):
-        raise BadValue(where, f"expected a scalar, got an array of shape {value.shape}")
-    if isinstance(value, (bytes, np.bytes_)):
-        value = value.decode("utf-8", "replace")
+    value = _scalar(raw, where, "a scalar")
     if isinstance(value, str):
         text = value.strip().lower()
         if text in _UNKNOWN_STRINGS:
@@ -125,11 +131,7 @@ def attribute_code(attribute: str, raw: Any, where: str) -> int:
 
 def label_value(raw: Any, where: str) -> int:
     """A 0/1 label from an npz scalar or CSV cell (0/1, booleans, 'yes'/'no')."""
-    value = raw.item() if isinstance(raw, np.ndarray) and raw.ndim == 0 else raw
-    if isinstance(value, np.ndarray):
-        raise BadValue(where, f"expected a scalar label, got an array of shape {value.shape}")
-    if isinstance(value, (bytes, np.bytes_)):
-        value = value.decode("utf-8", "replace")
+    value = _scalar(raw, where, "a scalar label")
     if isinstance(value, str):
         text = value.strip().lower()
         if text in TRUE_STRINGS:
