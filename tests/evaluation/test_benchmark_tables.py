@@ -61,6 +61,15 @@ def test_plan_is_deterministic_and_overrides_round_trip(tmp_path):
         "data/race/mf__tau=0.02/seed1",
     ]
     assert runs == bm.plan(cfg, out_dir)  # same config -> same runs, same order
+    # runs START seed by seed, so a benchmark stopped part-way has whole, paired seeds
+    order = [r.run_id for r in bm.execution_order(cfg, runs)]
+    assert order[:4] == [
+        "data/race/erm/seed0",
+        "data/race/mf__tau=0.02/seed0",
+        "data/race/mf__tau=0.08/seed0",
+        "data/race/erm-es/seed0",
+    ]
+    assert all(run_id.endswith("seed1") for run_id in order[4:])
     lines = bm.plan_lines(cfg, runs)
     argv = shlex.split(lines[3])
     assert argv[1:4] == ["-m", "multifair", "train"]

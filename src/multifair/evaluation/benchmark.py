@@ -263,6 +263,12 @@ class RunSpec:
         return [sys.executable, "-m", "multifair", "train", str(self.config), *args]
 
 
+def execution_order(cfg: BenchmarkConfig, runs: Sequence[RunSpec]) -> list[RunSpec]:
+    """`runs` seed by seed (stable otherwise): a partial benchmark has whole, paired seeds."""
+    rank = {seed: i for i, seed in enumerate(cfg.seeds)}
+    return sorted(runs, key=lambda run: rank.get(run.seed, len(rank)))
+
+
 def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
     """Every run of the matrix, in a stable order (dataset, attribute, method, sweep, seed).
 
@@ -558,6 +564,8 @@ def execute(
     A finished run (complete metrics.json) is skipped. An unfinished run's directory is
     cleared before it starts again (its previous stderr stays in `logs/`). A failed run is
     reported with the tail of its stderr and the benchmark continues with the others.
+    Runs start seed by seed (every method's first seed, then every method's second, ...), so a
+    benchmark stopped part-way leaves whole seeds that pair across methods.
     On Ctrl-C or SIGTERM the running children are terminated before this returns.
     """
     workers = workers or cfg.workers
@@ -571,6 +579,7 @@ def execute(
             outcomes.append(RunOutcome(run, "skipped"))
         else:
             pending.append(run)
+    pending = execution_order(cfg, pending)
     total = len(pending)
     echo(
         f"{len(runs)} runs: {len(runs) - total} already finished, {total} to run, {workers} at a time"
