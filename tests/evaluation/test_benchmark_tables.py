@@ -372,3 +372,20 @@ def test_collect_reports_missing_and_failed_runs(tmp_path, make_run_dir):
 def test_collect_needs_a_benchmark_dir(tmp_path):
     with pytest.raises(UserError, match="not a benchmark directory"):
         bm.collect(tmp_path)
+
+
+def test_seed_subsets_parse_and_reject_unknown_seeds():
+    assert bm.parse_seeds("10-12", range(20)) == [10, 11, 12]
+    assert bm.parse_seeds("0-1,5", [5, 1, 0, 9]) == [5, 1, 0]  # the config's order
+    with pytest.raises(UserError, match=r"seeds \[20\] are not in the benchmark's seeds"):
+        bm.parse_seeds("19-20", range(20))
+    with pytest.raises(UserError, match=r"expected e\.g\. 10-19"):
+        bm.parse_seeds("ten", range(20))
+
+
+def test_collect_keeps_only_the_requested_seeds(tmp_path):
+    cfg, out_dir = bm.load_benchmark(write_config(tmp_path))
+    collection = bm.collect(out_dir, cfg, seeds="1")
+    assert {run.seed for run in collection.runs} == {1}
+    assert len(collection.runs) == 4  # erm, mf x 2 tau, erm-es
+    assert collection.config.name == "unit, seeds 1"

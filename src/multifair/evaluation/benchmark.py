@@ -698,14 +698,38 @@ def load_manifest(out_dir: str | Path) -> BenchmarkConfig:
     return validate(BenchmarkConfig, load_yaml(path), source=str(path))
 
 
-def collect(out_dir: str | Path, cfg: BenchmarkConfig | None = None) -> Collection:
+def parse_seeds(spec: str, available: Sequence[int]) -> list[int]:
+    """`"10-19"`, `"0,3,5"` or a mix (`"0-4,9"`) -> those seeds; each must be one of `available`."""
+    seeds: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--seeds: expected e.g. 10-19 or 0,3,5, got {spec!r}") from None
+    unknown = sorted(set(seeds) - set(available))
+    if unknown or not seeds:
+        raise UserError(
+            f"--seeds {spec}: seeds {unknown} are not in the benchmark's seeds {list(available)}"
+        )
+    return [seed for seed in available if seed in set(seeds)]
+
+
+def collect(
+    out_dir: str | Path, cfg: BenchmarkConfig | None = None, seeds: str | None = None
+) -> Collection:
     """Read every run of the matrix that has finished; list the missing and failed ones.
 
     The run directories are the ones the config plans under `out_dir` (wherever the runs
-    were executed: here, or by a cluster scheduler from `--plan`).
+    were executed: here, or by a cluster scheduler from `--plan`). `seeds` ("10-19",
+    "0,3,5") keeps only those seeds, e.g. to report seeds fixed in advance on their own.
     """
     out_dir = Path(out_dir)
     cfg = cfg or load_manifest(out_dir)
+    if seeds is not None:
+        cfg = cfg.model_copy(
+            update={"seeds": parse_seeds(seeds, cfg.seeds), "name": f"{cfg.name}, seeds {seeds}"}
+        )
     runs = plan(cfg, out_dir)
     finished, missing, failed = [], [], []
     for run in runs:

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "benchmark",
         help="run a methods x seeds x attributes matrix and tabulate it",
         usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--n-boot N] [--no-report]\n"
-        "       multifair benchmark collect DIR [--n-boot N] [--no-report]",
+        "       multifair benchmark collect DIR [--seeds 10-19] [--n-boot N] [--no-report]",
         description="Run a benchmark matrix as separate training processes (resumable), then "
         "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
         "Forms: `benchmark CONFIG`, `benchmark run CONFIG`, `benchmark collect DIR`.",
@@ -35,6 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--n-boot", type=int, default=None, help="bootstrap resamples (overrides config)"
     )
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="collect only: these seeds (10-19, 0,3,5), e.g. seeds fixed in advance; tables "
+        "go to DIR/results/seeds_<SEEDS>/, the report to DIR/report_seeds_<SEEDS>.html",
+    )
     p.set_defaults(func=run)
 
     r = subparsers.add_parser(
@@ -70,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
     if action == "collect":
         if args.plan:
             raise UserError("--plan goes with a benchmark CONFIG, not with `collect`")
-        return _summarise(bm.collect(path), args)
+        return _summarise(bm.collect(path, seeds=args.seeds), args)
+    if args.seeds is not None:
+        raise UserError("--seeds goes with `collect DIR`; a run's seeds are the config's")
 
     cfg, out_dir = bm.load_benchmark(path)
     runs = bm.plan(cfg, out_dir)
@@ -103,13 +111,17 @@ def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
 
     tables = bt.build_tables(collection, n_boot=args.n_boot)
     bt.print_tables(tables)
-    paths = bt.write_results(tables, collection)
+    subset = getattr(args, "seeds", None)
+    tag = f"seeds_{subset.replace(',', '_')}" if subset else None
+    results_dir = collection.out_dir / "results" / tag if tag else None
+    paths = bt.write_results(tables, collection, results_dir)
     print(f"{bt.status_line(collection)}", file=sys.stderr)
     for run, err in collection.failed:
         print(f"FAILED {run.run_id}:\n{bm.indent(err)}", file=sys.stderr)
     print(f"tables: {paths['markdown']}, {paths['csv']}, {paths['json']}", file=sys.stderr)
     if not args.no_report:
-        report = write_report(collection.out_dir, collection=collection, tables=tables)
+        out = collection.out_dir / f"report_{tag}.html" if tag else None
+        report = write_report(collection.out_dir, out, collection=collection, tables=tables)
         print(f"report: {report}", file=sys.stderr)
     return 1 if collection.failed else 0
 
