@@ -389,3 +389,33 @@ def test_collect_keeps_only_the_requested_seeds(tmp_path):
     assert {run.seed for run in collection.runs} == {1}
     assert len(collection.runs) == 4  # erm, mf x 2 tau, erm-es
     assert collection.config.name == "unit, seeds 1"
+
+
+def test_modality_block_shows_head_auc_lr_factor_and_update_relative_to_reference(
+    tmp_path, make_run_dir
+):
+    _, out_dir = populate(tmp_path, make_run_dir)
+    for record in bm.collect(out_dir).finished:
+        run_dir, label = record.run.run_dir, record.run.label
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        head_b = {"erm": 0.60, "fin": 0.70, "oct only": 0.65}[label] + 0.01 * record.run.seed
+        metrics["aux_auc"] = {"test": {"A": 0.9, "B": head_b}}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        steps = [
+            {"kind": "step", "step": s, "update_norm/A": 0.1, "update_norm/B": 0.1 * (s + 1)}
+            for s in range(2)
+        ]  # B's mean update norm: 0.15
+        if label == "fin":  # a method that sets step-size factors and moves B twice as far
+            for rec in steps:
+                rec.update({"lr_factor/A": 0.5, "lr_factor/B": 1.5, "update_norm/B": 0.3})
+        log = [*steps, {"kind": "epoch", "epoch": 0, "update_norm/B": 99.0}]  # epochs ignored
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
+    _, header, rows, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    assert header == ["method", *(f"{m} {c}" for m in "AB" for c in ("head AUC", "lr factor", "update"))]  # fmt: skip
+    by_name = {row[0]: row for row in rows}
+    assert by_name["erm"] == ["erm", "0.900 ± 0.000", "-", "1.00x", "0.610 ± 0.010", "-", "1.00x"]
+    fin = by_name["fin †"]
+    assert fin[2:4] == ["0.50", "1.00x"] and fin[5:7] == ["1.50", "2.00x"]
+    assert fin[4] == "0.710 ± 0.010"
+    assert "relative to erm" in notes[0]

@@ -97,7 +97,33 @@ def run_values(metrics: Mapping[str, Any], attribute: str) -> dict[str, float]:
         if math.isfinite(auc):
             group_aucs.append(auc)
     values["worst_auc"] = min(group_aucs) if group_aucs else math.nan
+    # each auxiliary (single-modality) head's test AUC: how much each modality was learned
+    for modality, auc in ((metrics.get("aux_auc") or {}).get("test") or {}).items():
+        values[f"head_auc/{modality}"] = _num(auc)
     return values
+
+
+DYNAMICS = ("lr_factor/", "update_norm/")
+
+
+def training_dynamics(log_path: Path) -> dict[str, float]:
+    """Means over a run's logged steps of each modality's step-size factor (`lr_factor/<m>`,
+    methods that set one) and encoder update norm (`update_norm/<m>`) from its log.jsonl."""
+    sums: dict[str, list[float]] = {}
+    try:
+        lines = log_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        record = json.loads(line)
+        if record.get("kind") != "step":
+            continue
+        for key, value in record.items():
+            if key.startswith(DYNAMICS) and isinstance(value, (int, float)):
+                acc = sums.setdefault(key, [0.0, 0])
+                acc[0] += value
+                acc[1] += 1
+    return {key: total / n for key, (total, n) in sums.items()}
 
 
 def _num(value: Any) -> float:
@@ -277,7 +303,13 @@ def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[T
 
 def _row(variant: str, records: Sequence[RunRecord], attribute: str, n_boot: int) -> Row:
     first = records[0]
-    per_seed = {r.run.seed: run_values(r.metrics, attribute) for r in records}
+    per_seed = {
+        r.run.seed: {
+            **run_values(r.metrics, attribute),
+            **training_dynamics(r.run.run_dir / "log.jsonl"),
+        }
+        for r in records
+    }
     keys = list(dict.fromkeys(k for v in per_seed.values() for k in v))  # group order kept
     mean, std = {}, {}
     for key in keys:
@@ -386,6 +418,9 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
                 [table.ci_note + "; seed-to-seed spread is the ± std above"],
             )
         )
+    modality_block = _modality_block(table, ordered)
+    if modality_block is not None:
+        blocks.append(modality_block)
     if table.reference is not None and table.comparisons:
         diff_rows = [
             [
@@ -409,6 +444,41 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
             )
         )
     return blocks
+
+
+def _modality_block(
+    table: Table, ordered: Sequence[Row]
+) -> tuple[str, list[str], list[list[str]], list[str]] | None:
+    """Per modality: its head's test AUC, its mean step-size factor and its encoder's update size
+    relative to the reference row (did the lagging modality's learning actually change?)."""
+    modalities = list(
+        dict.fromkeys(
+            k.split("/", 1)[1] for r in ordered for k in r.mean if k.startswith("head_auc/")
+        )
+    )
+    if not modalities:
+        return None
+    reference = next((r for r in ordered if r.label == table.reference), None)
+    header, rows = ["method"], []
+    for m in modalities:
+        header += [f"{m} head AUC", f"{m} lr factor", f"{m} update"]
+    for row in ordered:
+        cells = [_row_name(row)]
+        for m in modalities:
+            norm = row.mean.get(f"update_norm/{m}", math.nan)
+            base = reference.mean.get(f"update_norm/{m}", math.nan) if reference else math.nan
+            cells += [
+                _fmt(row.mean.get(f"head_auc/{m}", math.nan), row.std.get(f"head_auc/{m}")),
+                _fmt(row.mean.get(f"lr_factor/{m}", math.nan), digits=2),
+                _fmt(norm / base, digits=2) + "x" if math.isfinite(norm / base) else "-",
+            ]
+        rows.append(cells)
+    notes = [
+        "head AUC: the modality's auxiliary head on the test split (mean ± std over seeds); "
+        "lr factor: the method's mean step-size factor over the logged steps (- = none set); "
+        f"update: the encoder's mean update norm per step relative to {table.reference or '-'}"
+    ]
+    return "modalities: what each encoder learned, and how fast it moved", header, rows, notes
 
 
 def to_markdown(tables: Sequence[Table], collection: Collection | None = None) -> str:
