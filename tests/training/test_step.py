@@ -194,6 +194,46 @@ def test_gradient_accumulation_equals_one_big_batch():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["multifair", "multifair_adam", "cggm"])
+def test_method_state_advances_once_per_step_with_accumulation(name):
+    """With accumulate=2 a method's step-to-step state (previous AUCs, EMAs) advances once, from
+    the last micro-batch: the same state, and the same signals (factors), as a step that saw
+    only that micro-batch."""
+    first, last = tiny_batch(16, seed=1), tiny_batch(16, seed=2)
+    states, signals = [], []
+    for micro in ([first, last], [last], []):
+        model = tiny_model(seed=3)
+        model.eval()  # no dropout: both steps see the same function
+        method = build_method(name, {}, list(SPECS), 3)
+        method.setup(model)
+        if micro:
+            optimizer, groups = build_optimizer(
+                model, method, TrainConfig(lr=1e-2), torch.device("cpu")
+            )
+            result = train_step(
+                micro,
+                model=model,
+                method=method,
+                optimizer=optimizer,
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                groups=groups,
+                ctx=ctx_for(model, len(micro)),
+                lr_scale=1.0,
+                clip=None,
+                amp_dtype=None,
+                env=DistEnv(),
+            )
+            signals.append(result.loss.signals)
+        states.append({k: v.clone() for k, v in method.state_dict().items()})
+    accumulated, single, initial = states
+    assert any(not torch.equal(single[k], initial[k]) for k in initial)  # the state moved
+    for key in initial:
+        torch.testing.assert_close(accumulated[key], single[key], msg=key)
+    assert signals[0].keys() == signals[1].keys()
+    for key in signals[0]:
+        torch.testing.assert_close(signals[0][key], signals[1][key], msg=key)
+
+
 def test_schedule_warmup_cosine_and_plateau():
     s = Schedule(TrainConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
     assert [s(i) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])

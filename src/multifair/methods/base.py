@@ -76,6 +76,10 @@ class StepContext:
     scale: Callable[[Tensor], Tensor]
     model: nn.Module | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. a train-loader iterator for PMR
+    # False for every micro-batch of a step but the last (train.accumulate > 1): state that
+    # tracks progress from step to step (previous AUCs, EMAs) advances once per optimisation
+    # step, from the last micro-batch, whose signals also set that step's factors.
+    advance: bool = True
 
 
 class MethodParams(BaseModel):

@@ -98,7 +98,8 @@ class CGGM(Method):
             ]
         )  # (M,)
         d = acc - self.prev_acc  # (M,)
-        self.prev_acc.copy_(acc)
+        if ctx.advance:  # once per optimisation step (gradient accumulation)
+            self.prev_acc.copy_(acc)
         total_d = d.sum()
         M = len(self.modalities)
         # accuracy steps are multiples of 1 / batch size, so |sum| < 1e-6 means "exactly 0"

@@ -154,7 +154,7 @@ class MultiFair(Method):
         factor = ones
         # 3-4. Modality balance B_i and direction alignment L_gm.
         if p.modality_level:
-            balance, auc_now = self._modality_balance(glob["aux_prob"].T, y_all)
+            balance, auc_now = self._modality_balance(glob["aux_prob"].T, y_all, ctx.advance)
             gm = self._alignment_loss(net, out, y, aux_each, balance)
             parts["gm"] = gm.detach()
             if not self.released:
@@ -173,7 +173,13 @@ class MultiFair(Method):
             if group_level:
                 fair = signals["gap"] > p.tau
                 lf, group_factor = self._group_fairness(
-                    scores_local, glob["surrogate"].T, y, batch["group"], y_all, masks_all
+                    scores_local,
+                    glob["surrogate"].T,
+                    y,
+                    batch["group"],
+                    y_all,
+                    masks_all,
+                    ctx.advance,
                 )
                 parts["fair"] = lf.detach()
                 if not self.released:
@@ -204,8 +210,11 @@ class MultiFair(Method):
             logits[m] = torch.func.functional_call(head, frozen, (out.features[m],))
         return logits
 
-    def _modality_balance(self, aux_prob: Tensor, y_all: Tensor) -> tuple[Tensor, Tensor]:
-        """Step 3. aux_prob (M, B_global). Returns (B_i (M,), A_i (M,)); updates A_i(t-1).
+    def _modality_balance(
+        self, aux_prob: Tensor, y_all: Tensor, advance: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Step 3. aux_prob (M, B_global). Returns (B_i (M,), A_i (M,)); updates A_i(t-1)
+        in training when `advance` (the step's last micro-batch).
 
         B_i = (S + eps - |dA_i|) / (S + eps), S = sum_j |dA_j|, eps = 1e-8, as the released
         code computes it. This equals the spec's (S - |dA_i|) / (S + eps) up to eps / S, except
@@ -216,7 +225,7 @@ class MultiFair(Method):
         auc_now = torch.where(valid, auc, self.prev_auc)  # one-class batch: reuse A_i(t-1)
         change = (auc_now - self.prev_auc).abs()  # (M,)
         spread = change.sum() + 1e-8
-        if self.training:  # state advances only in training steps (a Python flag, no sync)
+        if self.training and advance:  # once per training step (Python flags, no sync)
             self.prev_auc.copy_(auc_now)
         return (spread - change) / spread, auc_now
 
@@ -253,8 +262,9 @@ class MultiFair(Method):
         groups: Tensor,
         y_all: Tensor,
         masks_all: Tensor,
+        advance: bool,
     ) -> tuple[Tensor, Tensor]:
-        """Step 5. Updates the EMAs; returns (L_f, f_i (M,)).
+        """Step 5. Updates the EMAs (in training when `advance`); returns (L_f, f_i (M,)).
 
         The EMA's new value is the surrogate on the global batch (identical on every rank); its
         gradient is that of the same surrogate on this rank's samples (straight-through: the
@@ -279,7 +289,7 @@ class MultiFair(Method):
             s_new = s_all + (s_local - s_local.detach())
             # Absent or one-class groups keep their previous value.
             ema = torch.where(valid, p.ema * prev + (1 - p.ema) * s_new, prev)
-        if self.training:
+        if self.training and advance:
             self.group_ema.copy_(ema.detach())
         mean = ema.mean(-1, keepdim=True)  # (M, 1) Abar_i
         lf = (ema - mean).abs().mean()

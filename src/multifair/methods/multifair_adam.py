@@ -240,7 +240,7 @@ class MultiFairAdam(Method):
         cols = gather_batch(ctx.gather, {"scores": margins.T, "label": y})  # (B_global, M)
         auc, has_both = binary_auc(cols["scores"].T, cols["label"])  # (M,), (M,)
         # Validation passes (no grad / eval mode) read the state but never advance it.
-        update = self.training and torch.is_grad_enabled()
+        update = self.training and torch.is_grad_enabled() and ctx.advance
         in_trial = ctx.step < self.params.trial * ctx.total_steps
         signals = self.observe(auc, has_both, update=update, in_trial=in_trial)
 

@@ -22,6 +22,7 @@ parts and signals are read (one `.tolist()`), and the non-finite-loss check happ
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -206,7 +207,8 @@ def train_step(
     """One optimisation step over `micro_batches` (already on the device), hooks in protocol order.
 
     With gradient accumulation, the gradient edits and lr factors of the step come from the
-    LAST micro-batch's loss signals (each micro-batch's loss is divided by their number).
+    LAST micro-batch's loss signals (each micro-batch's loss is divided by their number), and
+    method state advances only there (`ctx.advance` is False for the others).
 
     `measure_update` also returns each encoder's update norm ||theta_after - theta_before||
     (what a step-size factor changes and a gradient factor under AdamW does not); it copies the
@@ -214,11 +216,13 @@ def train_step(
     device = env.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
-    for batch in micro_batches:
+    last = len(micro_batches) - 1
+    for i, batch in enumerate(micro_batches):
+        micro_ctx = ctx if i == last else dataclasses.replace(ctx, advance=False)
         with autocast(device, amp_dtype):
             out = method.forward(model, batch)  # ONE forward pass
-            loss = method.loss(out, batch, ctx)  # LossOutput(total, parts, signals)
-        method.backward(loss, out, batch, ctx)  # default: ctx.scale(loss.total).backward()
+            loss = method.loss(out, batch, micro_ctx)  # LossOutput(total, parts, signals)
+        method.backward(loss, out, batch, micro_ctx)  # default: ctx.scale(loss.total).backward()
     distributed.all_reduce_gradients(params, env)  # identical gradients on every rank
     if scaler.is_enabled():
         scaler.unscale_(optimizer)  # fp16: gradients in true units before any edit
