@@ -289,7 +289,7 @@ def load_run(
     method = build_method(cfg.method.name, params, modalities, data.n_groups)
     method.setup(model)
     method.to(dev)
-    model.load_state_dict(state["model"])
+    checkpoint.load_model(model, state, path)
     method.load_state_dict(state["method"])
     return LoadedRun(cfg, data, model, method, modalities, dev, str(path))
 

@@ -5,17 +5,24 @@ optimizer, GradScaler, schedule, the method's state (its buffers: EMAs, previous
 states (python, numpy, torch, cuda), the data position (completed epochs, global step, the
 sampler seed) and the best-so-far bookkeeping. Only tensors and primitive containers are stored
 (weights_only refuses anything else), so numpy's RNG state is converted to a tensor + ints.
+
+Frozen parameters (requires_grad False, e.g. a frozen pretrained text encoder: ~90 MB for
+MiniLM) are not stored: the model rebuilds them from their source (package or local path), and
+loading checks them against the sha256 recorded at save time (`model_state` / `load_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from multifair.errors import UserError
 
@@ -51,6 +58,52 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}: not a multifair checkpoint (format {FORMAT_VERSION} expected)")
     return ckpt
+
+
+def tensors_digest(items: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes, bytes), in the order given."""
+    h = hashlib.sha256()
+    for name, tensor in items:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def frozen_signature(model: nn.Module) -> dict[str, Any]:
+    """The model's frozen parameters (requires_grad False): their names and sha256. Computed once
+    per run (frozen weights do not change) and stored with every checkpoint."""
+    state = model.state_dict(keep_vars=True)
+    keys = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    return {"keys": keys, "sha256": tensors_digest((k, state[k]) for k in keys) if keys else ""}
+
+
+def model_state(model: nn.Module, frozen: dict[str, Any]) -> dict[str, Any]:
+    """`{"model": state_dict without the frozen parameters, "frozen": their signature}`."""
+    skip = set(frozen["keys"])
+    return {
+        "model": {k: v for k, v in model.state_dict().items() if k not in skip},
+        "frozen": frozen,
+    }
+
+
+def load_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, whose frozen parameters were rebuilt from their
+    source; they must be the ones the checkpoint was trained with."""
+    frozen = ckpt.get("frozen") or {"keys": [], "sha256": ""}
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or set(missing) != set(frozen["keys"]):
+        absent = sorted(set(missing) - set(frozen["keys"]))
+        raise UserError(
+            f"{path}: the checkpoint does not fit this model (missing {absent[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}): was the model config changed?"
+        )
+    if frozen["keys"] and frozen_signature(model)["sha256"] != frozen["sha256"]:
+        raise UserError(
+            f"{path}: the frozen weights ({len(frozen['keys'])} tensors, e.g. "
+            f"{frozen['keys'][0]}) differ from those the run was trained with: the frozen "
+            "encoder's source (installed package or local path) has changed"
+        )
 
 
 def rng_state() -> dict[str, Any]:

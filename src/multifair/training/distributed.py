@@ -162,11 +162,6 @@ def barrier(env: DistEnv) -> None:
 def state_digest(module: nn.Module) -> str:
     """sha256 over the module's state (names, dtypes, shapes, bytes): equal digests on every
     rank show that the replicas stayed identical."""
-    import hashlib
+    from multifair.training.checkpoint import tensors_digest
 
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_digest(module.state_dict().items())

@@ -419,6 +419,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     schedule = Schedule(tc, total_steps)
     to_device = data.to_device
     data_state = data.state()  # preprocessing fitted on train: `predict` on new data reuses it
+    frozen = checkpoint.frozen_signature(model)  # not stored in checkpoints; checked on load
 
     start_epoch, step = 0, 0
     best: dict[str, Any] = {"metric": -math.inf, "epoch": -1}
@@ -426,7 +427,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     history: list[dict[str, Any]] = []
     if resume_dir is not None and (ckpt_dir / "last.pt").is_file():
         state = checkpoint.load(ckpt_dir / "last.pt")
-        model.load_state_dict(state["model"])
+        checkpoint.load_model(model, state, ckpt_dir / "last.pt")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         lr_tensors_to(optimizer, device)
@@ -559,7 +560,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                         {
                             "format": checkpoint.FORMAT_VERSION,
                             "epoch": epoch + 1,
-                            "model": model.state_dict(),
+                            **checkpoint.model_state(model, frozen),
                             "method": method.state_dict(),
                             "data_state": data_state,
                         },
@@ -576,7 +577,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                         "format": checkpoint.FORMAT_VERSION,
                         "epoch": epoch + 1,
                         "step": step,
-                        "model": model.state_dict(),
+                        **checkpoint.model_state(model, frozen),
                         "method": method.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(),
@@ -616,7 +617,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                 "classes (and, for es_auc, groups with both classes)"
             )
         selected = checkpoint.load(ckpt_dir / "best.pt")
-        model.load_state_dict(selected["model"])
+        checkpoint.load_model(model, selected, ckpt_dir / "best.pt")
         method.load_state_dict(selected["method"])
         summaries: dict[str, Any] = {}
         aux_auc: dict[str, dict[str, float]] = {}
