@@ -327,17 +327,21 @@ def test_state_dict_round_trips_and_continues_identically(tmp_path):
     torch.save(first.state_dict(), path)
     second = _method()
     second.load_state_dict(torch.load(path, weights_only=True))
-    assert set(second.state_dict()) == {"level", "level_slow", "auc_var", "last_auc"}
+    assert set(second.state_dict()) == {
+        *("level", "level_slow", "auc_var", "last_auc"),
+        *("val_level", "val_best", "val_noise", "val_seen"),
+    }
     a, b = _drive(first, aucs[300:]), _drive(second, aucs[300:])
     assert all(torch.equal(a[k], b[k]) for k in a)
     fresh = _drive(_method(), aucs[300:])  # the state matters: a fresh method differs
     assert not torch.equal(fresh["level/lag"], a["level/lag"])
 
 
-def test_step_has_no_host_sync_on_meta_tensors():
+@pytest.mark.parametrize("levels", ["train", "validation"])
+def test_step_has_no_host_sync_on_meta_tensors(levels):
     """Meta tensors have no values: any .item(), bool(tensor) or boolean-mask indexing in the
     step raises. Run the loss and the factors entirely on the meta device."""
-    method = _method(preset="fair", temperature=0.1).to("meta")
+    method = _method(preset="fair", temperature=0.1, levels=levels).to("meta")
     b, m = 16, len(MODALITIES)
     feats = {k: torch.empty(b, 8, device="meta") for k in MODALITIES}
     out = ModelOutput(
@@ -449,22 +453,34 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
             "seed": 0,
         },
     }
+    variants = {
+        "erm": {"name": "erm"},
+        "multifair_adam": {"name": "multifair_adam"},
+        "validation levels": {"name": "multifair_adam", "levels": "validation"},
+    }
     try:
         results = {}
-        for name in ("erm", "multifair_adam"):
-            output = {"dir": str(tmp_path / name), "predictions": []}
-            cfg = resolve_run_config(base=base | {"method": {"name": name}, "output": output})
-            results[name] = train(cfg)
+        for label, method in variants.items():
+            output = {"dir": str(tmp_path / label.replace(" ", "_")), "predictions": []}
+            cfg = resolve_run_config(base=base | {"method": method, "output": output})
+            results[label] = train(cfg)
     except ImportError as exc:
         pytest.skip(f"a part the trainer needs is not importable yet: {exc}")
 
     auc = {k: r.metrics["test"]["overall"]["auc"] for k, r in results.items()}
     assert auc["erm"] > 0.75  # the lead modality is learnable
-    assert abs(auc["multifair_adam"] - auc["erm"]) < 0.02, auc
-    rows = [json.loads(line) for line in (results["multifair_adam"].run_dir / "log.jsonl").open()]
-    steps = [r for r in rows if r.get("kind") == "step"]
-    lead_factor = [r["lr_factor/lead"] for r in steps]
-    assert sum(lead_factor) / len(lead_factor) > 0.95  # the useful encoder was not throttled
+    for label in ("multifair_adam", "validation levels"):
+        assert abs(auc[label] - auc["erm"]) < 0.02, auc
+        rows = [json.loads(line) for line in (results[label].run_dir / "log.jsonl").open()]
+        steps = [r for r in rows if r.get("kind") == "step"]
+        lead_factor = [r["lr_factor/lead"] for r in steps]
+        assert sum(lead_factor) / len(lead_factor) > 0.95  # the useful encoder was not throttled
+    epochs = [
+        json.loads(line)
+        for line in (results["validation levels"].run_dir / "log.jsonl").open()
+        if '"kind": "epoch"' in line
+    ]
+    assert all("val_level/noise" in e["method"] for e in epochs)  # on_validation ran each epoch
 
 
 def test_factors_are_identical_across_ranks_and_equal_the_global_batch():
@@ -517,3 +533,76 @@ def test_level_guard_trial_window_balances_a_head_at_chance_then_closes():
     trend = _method(guard="trend")
     rows = [trend.observe(a, torch.tensor([True, True]), in_trial=True) for a in aucs[:600]]
     assert float(torch.stack([r["active"] for r in rows[300:]]).mean()) < 0.1
+
+
+# ---- levels: validation (held-out levels, per epoch) ---------------------------------------
+def _val_preds(aucs: dict[str, float], n: int = 200, seed: int = 0):
+    """Validation predictions whose aux heads have about the given AUCs (binormal scores)."""
+    from types import SimpleNamespace
+
+    from scipy.stats import norm
+
+    gen = torch.Generator().manual_seed(seed)
+    label = (torch.arange(n) % 2).numpy()
+    scores = {}
+    for m, auc in aucs.items():
+        shift = math.sqrt(2) * norm.ppf(auc)  # binormal AUC = Phi(d' / sqrt 2)
+        scores[m] = (
+            torch.sigmoid(torch.randn(n, generator=gen) + shift * torch.as_tensor(label))
+            .double()
+            .numpy()
+        )
+    return SimpleNamespace(label=label, aux_scores=scores)
+
+
+def _val_factors(method: MultiFairAdam, in_trial: bool = False) -> torch.Tensor:
+    signals = method.observe(
+        torch.tensor([0.6, 0.6]), torch.tensor([True, True]), in_trial=in_trial
+    )
+    return torch.stack([signals["lr_factor/lead"], signals["lr_factor/lag"]])
+
+
+def test_validation_levels_set_the_factors_from_the_last_validation():
+    method = _method(levels="validation")
+    assert torch.equal(_val_factors(method), torch.ones(2))  # before any validation: plain
+    stats = method.on_validation(_val_preds({"lead": 0.95, "lag": 0.75}))
+    from multifair.metrics import roc_auc
+
+    preds = _val_preds({"lead": 0.95, "lag": 0.75})
+    measured = [roc_auc(preds.label, preds.aux_scores[m]) for m in MODALITIES]
+    assert [stats["val_level/lead"], stats["val_level/lag"]] == pytest.approx(measured)
+    expected = balance_factors(torch.tensor(measured), temperature=0.2, floor=0.5)
+    torch.testing.assert_close(_val_factors(method), expected)
+    assert float(expected[1]) > 1 > float(expected[0])
+    # the batches' own AUCs no longer move the factors; they are logged as train_level/*
+    signals = method.observe(torch.tensor([0.5, 0.99]), torch.tensor([True, True]))
+    torch.testing.assert_close(signals["lr_factor/lag"], expected[1])
+    assert float(signals["level/lag"]) == pytest.approx(measured[1], abs=1e-6)
+
+
+def test_validation_guard_stops_pushing_a_modality_that_falls_on_validation():
+    method = _method(levels="validation")
+    method.on_validation(_val_preds({"lead": 0.9, "lag": 0.8}))
+    assert float(_val_factors(method)[1]) > 1
+    method.on_validation(_val_preds({"lead": 0.9, "lag": 0.7}))  # overfitting: 0.1 below best
+    assert torch.equal(_val_factors(method), torch.ones(2))
+    method.on_validation(_val_preds({"lead": 0.9, "lag": 0.8}))  # back at its best
+    assert float(_val_factors(method)[1]) > 1
+
+
+def test_validation_guard_needs_the_lagging_head_above_chance_after_the_trial():
+    method = _method(levels="validation")
+    method.on_validation(_val_preds({"lead": 0.9, "lag": 0.5}))  # z ~ 0 on 200 samples
+    assert torch.equal(_val_factors(method), torch.ones(2))
+    assert float(_val_factors(method, in_trial=True)[1]) > 1  # the trial window waives it
+    method.on_validation(_val_preds({"lead": 0.9, "lag": 0.62}))  # > 2 standard errors (0.04)
+    assert float(_val_factors(method)[1]) > 1
+
+
+def test_validation_split_without_both_classes_changes_nothing():
+    method = _method(levels="validation")
+    preds = _val_preds({"lead": 0.9, "lag": 0.7})
+    preds.label[:] = 1
+    assert "skipped" in method.on_validation(preds)["val_levels"]
+    assert torch.equal(_val_factors(method), torch.ones(2))
+    assert _method().on_validation(preds) == {}  # levels: train ignores validation

@@ -151,6 +151,12 @@ class Method(nn.Module):
     def on_epoch_end(self, ctx: StepContext) -> dict[str, Any]:
         return {}
 
+    def on_validation(self, preds: Any) -> dict[str, Any]:
+        """After each epoch's validation pass, with its predictions (`evaluation.predict.
+        Predictions` of the whole validation split - labels, fused and auxiliary scores -
+        identical on every rank). Returns stats for the epoch record."""
+        return {}
+
 
 def build_method(
     name: str, params: Mapping[str, Any] | None, modalities: list[str], n_groups: int

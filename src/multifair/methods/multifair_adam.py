@@ -26,6 +26,18 @@ useful one is throttled):
   30 epochs) joint training held B's head at chance (0.49), where the level guard alone never
   opened; balanced from the start, B's level rose to 0.78 (docs/results.md).
 
+Levels from held-out data (`levels: validation`): the levels above are AUCs on TRAINING
+batches, and an encoder that memorises its training samples looks ahead there while it
+generalises worse. With image encoders on 500 subjects (docs/results.md) the OCT encoder did
+exactly that: its training-batch level led the fundus', so the method throttled the modality
+that lagged on held-out data. With `levels: validation` the levels are instead each auxiliary
+head's AUC on the validation split, measured after every epoch (`on_validation`; factors are
+then constant over the next epoch, 1 before the first validation). The guard becomes: balance
+while the lagging modality is still improving on validation (not more than `val_tolerance`
+below its best so far: an overfitting modality stops being pushed), and - after the `trial`
+fraction of the run - only while it is above chance by `level_z_on` standard errors of a
+no-signal AUC on that split (sqrt((n+ + n- + 1) / (12 n+ n-))).
+
 Group level (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
 with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
 sigmoid((z_p - z_n) / T_s) on fused logit margins. It sends no gradient to the auxiliary
@@ -34,9 +46,11 @@ heads (they read detached features). No gradient multipliers, no rho, no L_gm, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
@@ -89,6 +103,10 @@ class MultiFairAdamParams(MethodParams):
     # suppresses sits at chance exactly like a pure-noise one until it is given steps; given
     # them, its level rises and keeps the gate open, a noise modality's does not.
     trial: float = Field(0.25, ge=0, le=1)
+    # Where the levels come from: auxiliary AUCs on training batches (smoothed per step), or on
+    # the validation split after each epoch (see the module docstring).
+    levels: Literal["train", "validation"] = "train"
+    val_tolerance: float = Field(0.02, ge=0)  # "still improving": within this of its best AUC
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -178,6 +196,12 @@ class MultiFairAdam(Method):
         # EMA of (A_i - Abar_i)^2: batch-AUC noise, ~0.1^2 for 32-sample batches at start
         self.register_buffer("auc_var", torch.full((m,), 0.01))
         self.register_buffer("last_auc", torch.full((m,), 0.5))  # A_i(t-1), for one-class batches
+        # levels: validation - the last validation AUC of each aux head, its best so far, the
+        # std of a no-signal AUC on that split, and whether a validation has happened yet
+        self.register_buffer("val_level", torch.full((m,), 0.5))
+        self.register_buffer("val_best", torch.zeros(m))  # the first validation sets it
+        self.register_buffer("val_noise", torch.ones(()))
+        self.register_buffer("val_seen", torch.zeros(()))
 
     def observe(
         self, auc: Tensor, has_both: Tensor, update: bool = True, in_trial: bool = False
@@ -195,6 +219,8 @@ class MultiFairAdam(Method):
             self.level_slow.copy_(level_slow)
             self.auc_var.copy_(auc_var)
 
+        if p.levels == "validation":
+            return self._validation_signals(auc, level, in_trial)
         raw = balance_factors(level, p.temperature, p.floor)  # (M,)
         # Trend: rise of Abar over the slow window, in units of the std that batch noise alone
         # gives Abar - slowEMA(Abar) (~ std(Abar) = std(A) sqrt((1-a)/(1+a)) for a slow window).
@@ -228,6 +254,44 @@ class MultiFairAdam(Method):
             signals[f"trend/{name}"] = trend_z[i].detach()
             signals[f"lr_factor/{name}"] = factors[i].detach()
         return signals
+
+    def _validation_signals(self, auc: Tensor, level: Tensor, in_trial: bool) -> dict[str, Tensor]:
+        """Factors from the last validation's aux AUCs (`levels: validation`), gated by the
+        lagging modality still improving there and, after the trial window, above chance."""
+        p = self.params
+        raw = balance_factors(self.val_level, p.temperature, p.floor)  # (M,)
+        boost = (raw - 1).clamp_min(0)  # the lagging modalities, weighted by their boost
+        weight = boost / boost.sum().clamp_min(1e-12)
+        drop = (weight * (self.val_best - self.val_level)).sum()  # below its best so far
+        lag_z = (weight * (self.val_level - 0.5)).sum() / self.val_noise
+        gate = self.val_seen * (drop <= p.val_tolerance).to(raw.dtype)
+        if not in_trial:  # a Python bool (step count): no host sync
+            gate = gate * (lag_z >= p.level_z_on).to(raw.dtype)
+        factors = 1 + gate * (raw - 1)  # gate 0: exactly 1 (plain training)
+        signals: dict[str, Tensor] = {"active": gate.detach()}
+        for i, name in enumerate(self.modalities):
+            signals[f"aux_auc/{name}"] = auc[i].detach()
+            signals[f"level/{name}"] = self.val_level[i].clone()
+            signals[f"train_level/{name}"] = level[i].detach()
+            signals[f"lr_factor/{name}"] = factors[i].detach()
+        return signals
+
+    def on_validation(self, preds: Any) -> dict[str, Any]:
+        if self.params.levels != "validation":
+            return {}
+        from multifair.metrics import roc_auc
+
+        labels = np.asarray(preds.label)
+        n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+        aucs = [roc_auc(labels, preds.aux_scores[m]) for m in self.modalities]
+        if min(n_pos, n_neg) == 0 or not all(math.isfinite(a) for a in aucs):
+            return {"val_levels": "skipped: the validation split lacks a class"}
+        new = torch.tensor(aucs, dtype=self.val_level.dtype, device=self.val_level.device)
+        self.val_level.copy_(new)
+        self.val_best.copy_(torch.maximum(self.val_best, new))
+        self.val_noise.fill_(math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg)))
+        self.val_seen.fill_(1.0)
+        return {f"val_level/{m}": a for m, a in zip(self.modalities, aucs)}
 
     def loss(self, out: ModelOutput, batch: Mapping[str, Any], ctx: StepContext) -> LossOutput:
         base = super().loss(out, batch, ctx)  # task CE + auxiliary CE (trains only C_i)
