@@ -419,3 +419,12 @@ def test_modality_block_shows_head_auc_lr_factor_and_update_relative_to_referenc
     assert fin[2:4] == ["0.50", "1.00x"] and fin[5:7] == ["1.50", "2.00x"]
     assert fin[4] == "0.710 ± 0.010"
     assert "relative to erm" in notes[0]
+
+
+def test_more_parallel_runs_than_cores_is_a_warning():
+    assert bm.oversubscribed(2, 1, cores=2) is None
+    assert bm.oversubscribed(0, 8, cores=2) is None  # nothing left to run
+    warning = bm.oversubscribed(20, 1, cores=16)
+    assert warning.startswith("WARNING: 20 runs x 1 threads exceed the 16 CPU cores")
+    assert warning.endswith("--workers 16 avoids that")
+    assert bm.oversubscribed(2, 4, cores=4).endswith("--workers 1 avoids that")

@@ -500,6 +500,17 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def oversubscribed(parallel: int, threads: int, cores: int) -> str | None:
+    """A warning when `parallel` runs of `threads` threads each exceed the CPU cores."""
+    if parallel * threads <= cores:
+        return None
+    return (
+        f"WARNING: {parallel} runs x {threads} threads exceed the {cores} CPU cores, so the "
+        "runs compete for them (on a GPU machine too: data loading and the training loop run "
+        f"on the CPU); --workers {max(1, cores // threads)} avoids that"
+    )
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -584,6 +595,9 @@ def execute(
     echo(
         f"{len(runs)} runs: {len(runs) - total} already finished, {total} to run, {workers} at a time"
     )
+    warning = oversubscribed(min(workers, total), threads, os.cpu_count() or 1)
+    if warning:
+        echo(warning)
     stale = stale_runs(out_dir, runs)
     if stale:
         echo(
