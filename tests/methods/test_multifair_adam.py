@@ -606,3 +606,50 @@ def test_validation_split_without_both_classes_changes_nothing():
     assert "skipped" in method.on_validation(preds)["val_levels"]
     assert torch.equal(_val_factors(method), torch.ones(2))
     assert _method().on_validation(preds) == {}  # levels: train ignores validation
+
+
+# ---- unimodal_weight: each modality's own loss into its encoder ---------------------------
+def test_unimodal_loss_trains_the_encoders_through_the_attached_aux_heads():
+    torch.manual_seed(0)
+    model = TinyMultimodal({"lead": 4, "lag": 4})
+    batch = make_batches(1, seed=2)[0]
+    ctx = make_context(0, 10, 3, model)
+    grads = {}
+    for weight in (0.0, 1.0):
+        method = _method(temperature=math.inf, unimodal_weight=weight)
+        model.zero_grad()
+        out = model(batch)
+        loss = method.loss(out, batch, ctx)
+        loss.total.backward()
+        # the encoders' gradient without any fused-loss path: only through the heads
+        grads[weight] = [p.grad.clone() for p in model.encoders["lag"].parameters()]
+        if weight:
+            aux = model.aux_heads["lag"](out.features["lag"])
+            hand = torch.nn.functional.cross_entropy(aux.float(), batch["label"])
+            assert "unimodal" in loss.parts
+            assert float(loss.parts["unimodal"]) >= float(hand.detach()) - 1e-6  # lag is one term
+    # the unimodal CE adds to the encoder's gradient; weight 0 leaves the fused CE's alone
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0.0], grads[1.0]))
+
+
+def test_unimodal_loss_gradient_equals_a_hand_sum():
+    torch.manual_seed(0)
+    model = TinyMultimodal({"lead": 4, "lag": 4})
+    model.eval()  # no dropout: two passes, the same function
+    batch = make_batches(1, seed=2)[0]
+    ctx = make_context(0, 10, 3, model)
+    method = _method(temperature=math.inf, unimodal_weight=0.5)
+    model.zero_grad()
+    method.loss(model(batch), batch, ctx).total.backward()
+    got = [p.grad.clone() for p in model.encoders["lead"].parameters()]
+    model.zero_grad()
+    out = model(batch)
+    y = batch["label"]
+    task = torch.nn.functional.cross_entropy(out.logits.float(), y)
+    uni = sum(
+        torch.nn.functional.cross_entropy(model.aux_heads[m](out.features[m]).float(), y)
+        for m in ("lead", "lag")
+    )
+    (task + 0.5 * uni).backward()  # the detached aux CE sends nothing to the encoders
+    for a, b in zip(got, [p.grad for p in model.encoders["lead"].parameters()]):
+        torch.testing.assert_close(a, b)

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 
 from multifair.methods.base import (
     METHODS,
@@ -63,6 +63,7 @@ from multifair.methods.base import (
     ModelOutput,
     StepContext,
 )
+from multifair.methods.estimators import require_model, unimodal_logits
 from multifair.methods.signals import (
     binary_auc,
     gather_batch,
@@ -107,6 +108,11 @@ class MultiFairAdamParams(MethodParams):
     # the validation split after each epoch (see the module docstring).
     levels: Literal["train", "validation"] = "train"
     val_tolerance: float = Field(0.02, ge=0)  # "still improving": within this of its best AUC
+    # Weight of each modality's own CE through its auxiliary head on the ATTACHED feature, so
+    # that it trains the encoder (the unimodal loss of MMPareto / uni-modal ensembles). 0: the
+    # auxiliary heads read detached features, as in erm. With temperature .inf (all factors 1)
+    # this is plain joint training plus unimodal losses: the control for the lr balance.
+    unimodal_weight: float = Field(0.0, ge=0)
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -317,6 +323,13 @@ class MultiFairAdam(Method):
         if self.params.gap_weight:
             total = total + self.params.gap_weight * gap
             parts["gap"] = gap.detach()
+        if self.params.unimodal_weight:
+            # each modality's own CE through its auxiliary head on the ATTACHED feature: it
+            # trains the encoder (MMPareto's unimodal loss, summed without the Pareto weights)
+            uni = unimodal_logits(require_model(ctx), out, "aux", grad=True)
+            unimodal = sum(nn.functional.cross_entropy(u.float(), y) for u in uni.values())
+            total = total + self.params.unimodal_weight * unimodal
+            parts["unimodal"] = torch.as_tensor(unimodal).detach()
         return LossOutput(total, parts, signals)
 
     def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor]:
