@@ -428,3 +428,15 @@ def test_more_parallel_runs_than_cores_is_a_warning():
     assert warning.startswith("WARNING: 20 runs x 1 threads exceed the 16 CPU cores")
     assert warning.endswith("--workers 16 avoids that")
     assert bm.oversubscribed(2, 4, cores=4).endswith("--workers 1 avoids that")
+
+
+def test_collect_can_pair_with_another_entry(tmp_path, make_run_dir):
+    _, out_dir = populate(tmp_path, make_run_dir)
+    (table,) = bt.build_tables(bm.collect(out_dir, reference="fin"), n_boot=0)
+    rows = {r.label: r for r in table.rows}
+    assert table.reference == "fin" and rows["erm"].paired and not rows["fin"].paired
+    assert rows["erm"].paired["auc"].mean == pytest.approx(
+        np.mean([rows["erm"].per_seed[s]["auc"] - rows["fin"].per_seed[s]["auc"] for s in range(3)])
+    )
+    with pytest.raises(UserError, match="--reference 'nope': not an entry label"):
+        bm.collect(out_dir, reference="nope")

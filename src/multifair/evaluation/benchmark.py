@@ -154,7 +154,7 @@ class BenchmarkConfig(_Strict):
             ("methods", [m.label for m in self.methods]),
             ("attributes", self.attributes),
         ):
-            safe = [_safe(x) for x in labels]
+            safe = [safe_name(x) for x in labels]
             if len(set(safe)) != len(safe):
                 raise ValueError(f"{what}: labels must be unique (after making them file-safe)")
         if len(set(self.seeds)) != len(self.seeds):
@@ -177,7 +177,7 @@ class BenchmarkConfig(_Strict):
         return [value] if isinstance(value, Mapping) else value
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     return _SAFE.sub("_", str(text)).strip("_") or "_"
 
 
@@ -286,12 +286,16 @@ def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
                     for value in sweep.values
                 ] or [(None, None)]
                 for key, value in cells:
-                    folder = _safe(entry.label)
+                    folder = safe_name(entry.label)
                     if key is not None:
-                        folder += f"__{_safe(key.split('.')[-1])}={_safe(value)}"
+                        folder += f"__{safe_name(key.split('.')[-1])}={safe_name(value)}"
                     for seed in cfg.seeds:
                         run_dir = (
-                            out_dir / "runs" / _safe(dataset.label) / _safe(attribute) / folder
+                            out_dir
+                            / "runs"
+                            / safe_name(dataset.label)
+                            / safe_name(attribute)
+                            / folder
                         ) / f"seed{seed}"
                         overrides: dict[str, Any] = {}
                         if key is not None:
@@ -317,7 +321,7 @@ def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
 
 
 def entry_config_path(out_dir: Path, dataset: DatasetEntry, entry: MethodEntry) -> Path:
-    return out_dir / "configs" / _safe(dataset.label) / f"{_safe(entry.label)}.yaml"
+    return out_dir / "configs" / safe_name(dataset.label) / f"{safe_name(entry.label)}.yaml"
 
 
 def dataset_section(base_data: Mapping[str, Any], dataset: DatasetEntry) -> dict[str, Any]:
@@ -730,13 +734,17 @@ def parse_seeds(spec: str, available: Sequence[int]) -> list[int]:
 
 
 def collect(
-    out_dir: str | Path, cfg: BenchmarkConfig | None = None, seeds: str | None = None
+    out_dir: str | Path,
+    cfg: BenchmarkConfig | None = None,
+    seeds: str | None = None,
+    reference: str | None = None,
 ) -> Collection:
     """Read every run of the matrix that has finished; list the missing and failed ones.
 
     The run directories are the ones the config plans under `out_dir` (wherever the runs
     were executed: here, or by a cluster scheduler from `--plan`). `seeds` ("10-19",
-    "0,3,5") keeps only those seeds, e.g. to report seeds fixed in advance on their own.
+    "0,3,5") keeps only those seeds, e.g. to report seeds fixed in advance on their own;
+    `reference` pairs the other rows with another entry than the config's `reference`.
     """
     out_dir = Path(out_dir)
     cfg = cfg or load_manifest(out_dir)
@@ -744,6 +752,11 @@ def collect(
         cfg = cfg.model_copy(
             update={"seeds": parse_seeds(seeds, cfg.seeds), "name": f"{cfg.name}, seeds {seeds}"}
         )
+    if reference is not None:
+        labels = [m.label for m in cfg.methods]
+        if reference not in labels:
+            raise UserError(f"--reference {reference!r}: not an entry label (labels: {labels})")
+        cfg = cfg.model_copy(update={"reference": reference, "name": f"{cfg.name}, vs {reference}"})
     runs = plan(cfg, out_dir)
     finished, missing, failed = [], [], []
     for run in runs:

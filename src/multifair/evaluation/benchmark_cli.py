@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "benchmark",
         help="run a methods x seeds x attributes matrix and tabulate it",
         usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--n-boot N] [--no-report]\n"
-        "       multifair benchmark collect DIR [--seeds 10-19] [--n-boot N] [--no-report]",
+        "       multifair benchmark collect DIR [--seeds 10-19] [--reference LABEL] [--n-boot N] [--no-report]",
         description="Run a benchmark matrix as separate training processes (resumable), then "
         "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
         "Forms: `benchmark CONFIG`, `benchmark run CONFIG`, `benchmark collect DIR`.",
@@ -40,6 +40,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="collect only: these seeds (10-19, 0,3,5), e.g. seeds fixed in advance; tables "
         "go to DIR/results/seeds_<SEEDS>/, the report to DIR/report_seeds_<SEEDS>.html",
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="collect only: pair every row with this entry instead of the config's reference; "
+        "tables go to DIR/results/vs_<LABEL>/ (with --seeds: seeds_<SEEDS>_vs_<LABEL>)",
     )
     p.set_defaults(func=run)
 
@@ -76,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if action == "collect":
         if args.plan:
             raise UserError("--plan goes with a benchmark CONFIG, not with `collect`")
-        return _summarise(bm.collect(path, seeds=args.seeds), args)
-    if args.seeds is not None:
-        raise UserError("--seeds goes with `collect DIR`; a run's seeds are the config's")
+        return _summarise(bm.collect(path, seeds=args.seeds, reference=args.reference), args)
+    if args.seeds is not None or args.reference is not None:
+        raise UserError("--seeds and --reference go with `collect DIR`, not with a run")
 
     cfg, out_dir = bm.load_benchmark(path)
     runs = bm.plan(cfg, out_dir)
@@ -111,8 +117,12 @@ def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
 
     tables = bt.build_tables(collection, n_boot=args.n_boot)
     bt.print_tables(tables)
-    subset = getattr(args, "seeds", None)
-    tag = f"seeds_{subset.replace(',', '_')}" if subset else None
+    parts = []
+    if getattr(args, "seeds", None):
+        parts.append(f"seeds_{args.seeds.replace(',', '_')}")
+    if getattr(args, "reference", None):
+        parts.append(f"vs_{bm.safe_name(args.reference)}")
+    tag = "_".join(parts) or None
     results_dir = collection.out_dir / "results" / tag if tag else None
     paths = bt.write_results(tables, collection, results_dir)
     print(f"{bt.status_line(collection)}", file=sys.stderr)
