@@ -440,3 +440,17 @@ def test_collect_can_pair_with_another_entry(tmp_path, make_run_dir):
     )
     with pytest.raises(UserError, match="--reference 'nope': not an entry label"):
         bm.collect(out_dir, reference="nope")
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in SHIPPED.glob("*.yaml") if "recipe" not in p.name)
+)
+def test_every_shipped_benchmark_config_loads_and_plans(name):
+    cfg, out_dir = bm.load_benchmark(SHIPPED / name)  # validated: keys, base file, labels
+    runs = bm.plan(cfg, out_dir)
+    assert {r.label for r in runs} == {m.label for m in cfg.methods}
+    assert {r.seed for r in runs} == set(cfg.seeds)
+    assert cfg.reference in {m.label for m in cfg.methods}
