@@ -151,6 +151,23 @@ def test_optimizer_groups_partition_the_model_and_carry_released_hyperparameters
     assert counted == len(list(model.parameters()))
 
 
+def plain_step(micro, model, method, optimizer, groups):
+    """One `train_step` over `micro` on the CPU: fp32, no clipping, scheduled lr x 1."""
+    return train_step(
+        micro,
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        groups=groups,
+        ctx=ctx_for(model, len(micro)),
+        lr_scale=1.0,
+        clip=None,
+        amp_dtype=None,
+        env=DistEnv(),
+    )
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 8 with accumulate=2 reach AdamW with the gradient of one batch of 16."""
     big = tiny_batch(16)
@@ -166,7 +183,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         for s in (slice(0, 8), slice(8, 16))
     ]
     grads = []
-    for micro, accumulate in (([big], 1), (halves, 2)):
+    for micro in ([big], halves):
         model = tiny_model(seed=3)
         model.eval()  # no dropout: the two runs see the same function
         method = build_method("erm", {}, list(SPECS), 3)
@@ -177,19 +194,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         optimizer.register_step_pre_hook(
             lambda opt, a, k, ps=params: grads.append(torch.cat([p.grad.flatten() for p in ps]))
         )
-        train_step(
-            micro,
-            model=model,
-            method=method,
-            optimizer=optimizer,
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            groups=groups,
-            ctx=ctx_for(model, accumulate),
-            lr_scale=1.0,
-            clip=None,
-            amp_dtype=None,
-            env=DistEnv(),
-        )
+        plain_step(micro, model, method, optimizer, groups)
     assert grads[0].abs().max() > 1e-3
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
@@ -210,19 +215,7 @@ def test_method_state_advances_once_per_step_with_accumulation(name):
             optimizer, groups = build_optimizer(
                 model, method, TrainConfig(lr=1e-2), torch.device("cpu")
             )
-            result = train_step(
-                micro,
-                model=model,
-                method=method,
-                optimizer=optimizer,
-                scaler=torch.amp.GradScaler("cpu", enabled=False),
-                groups=groups,
-                ctx=ctx_for(model, len(micro)),
-                lr_scale=1.0,
-                clip=None,
-                amp_dtype=None,
-                env=DistEnv(),
-            )
+            result = plain_step(micro, model, method, optimizer, groups)
             signals.append(result.loss.signals)
         states.append({k: v.clone() for k, v in method.state_dict().items()})
     accumulated, single, initial = states

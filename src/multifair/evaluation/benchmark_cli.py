@@ -118,9 +118,9 @@ def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
     tables = bt.build_tables(collection, n_boot=args.n_boot)
     bt.print_tables(tables)
     parts = []
-    if getattr(args, "seeds", None):
+    if args.seeds:
         parts.append(f"seeds_{args.seeds.replace(',', '_')}")
-    if getattr(args, "reference", None):
+    if args.reference:
         parts.append(f"vs_{bm.safe_name(args.reference)}")
     tag = "_".join(parts) or None
     results_dir = collection.out_dir / "results" / tag if tag else None
