@@ -13,14 +13,33 @@
 #   multifair benchmark collect runs/benchmarks/synth_fairvision_effnet
 #
 #   bash benchmarks/gpu_check.sh [IMAGE_SECONDS]        # default 240
+#   bash benchmarks/gpu_check.sh --image-only [IMAGE_SECONDS]
+# The second form runs step 2 alone (no model tests): the benchmark's missing runs, e.g. rows
+# added to the config since the last GPU session (carry runs/benchmarks/synth_fairvision_effnet
+# so that finished runs are not redone).
 set -u -o pipefail
 out=${OUT:-runs/gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+image_only=0
+if [ "${1:-}" = "--image-only" ]; then image_only=1; shift; fi
 image_seconds=${1:-240}
 bench=runs/benchmarks/synth_fairvision_effnet
 step() { echo; echo "== $* [$(date +%T)]"; }
+
+if [ "$image_only" = 1 ]; then
+{
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step "image-encoder benchmark only (${image_seconds} s)"
+timeout "$image_seconds" $py -m multifair benchmark configs/benchmarks/synth_fairvision_effnet.yaml --no-report
+$py -m multifair benchmark collect "$bench" --no-report
+tar czf "$out/effnet_runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' "$bench"
+step "done"
+} 2>&1 | tee "$out/gpu_check.log"
+exit 0
+fi
 
 {
 step "environment"

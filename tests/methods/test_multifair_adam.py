@@ -330,6 +330,7 @@ def test_state_dict_round_trips_and_continues_identically(tmp_path):
     assert set(second.state_dict()) == {
         *("level", "level_slow", "auc_var", "last_auc"),
         *("val_level", "val_best", "val_noise", "val_seen"),
+        *("group_gap", "group_weight", "group_seen"),
     }
     a, b = _drive(first, aucs[300:]), _drive(second, aucs[300:])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -337,11 +338,15 @@ def test_state_dict_round_trips_and_continues_identically(tmp_path):
     assert not torch.equal(fresh["level/lag"], a["level/lag"])
 
 
-@pytest.mark.parametrize("levels", ["train", "validation"])
-def test_step_has_no_host_sync_on_meta_tensors(levels):
+@pytest.mark.parametrize(
+    ("levels", "group_weights"), [("train", "off"), ("validation", "off"), ("train", "validation")]
+)
+def test_step_has_no_host_sync_on_meta_tensors(levels, group_weights):
     """Meta tensors have no values: any .item(), bool(tensor) or boolean-mask indexing in the
     step raises. Run the loss and the factors entirely on the meta device."""
-    method = _method(preset="fair", temperature=0.1, levels=levels).to("meta")
+    method = _method(preset="fair", temperature=0.1, levels=levels, group_weights=group_weights).to(
+        "meta"
+    )
     b, m = 16, len(MODALITIES)
     feats = {k: torch.empty(b, 8, device="meta") for k in MODALITIES}
     out = ModelOutput(
@@ -457,6 +462,7 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
         "erm": {"name": "erm"},
         "multifair_adam": {"name": "multifair_adam"},
         "validation levels": {"name": "multifair_adam", "levels": "validation"},
+        "group weights": {"name": "multifair_adam", "group_weights": "validation"},
     }
     try:
         results = {}
@@ -481,6 +487,18 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
         if '"kind": "epoch"' in line
     ]
     assert all("val_level/noise" in e["method"] for e in epochs)  # on_validation ran each epoch
+    # group weights: set from the fused model's validation AUC per race group after every epoch
+    assert abs(auc["group weights"] - auc["erm"]) < 0.02, auc
+    epochs = [
+        json.loads(line)
+        for line in (results["group weights"].run_dir / "log.jsonl").open()
+        if '"kind": "epoch"' in line
+    ]
+    assert len(epochs) == 3
+    for e in epochs:
+        weights = [e["method"][f"group_weight/{g}"] for g in range(2)]
+        gaps = [e["method"][f"group_gap/{g}"] for g in range(2)]
+        assert (weights[0] > weights[1]) == (gaps[0] > gaps[1])  # the lagging group gains
 
 
 def test_factors_are_identical_across_ranks_and_equal_the_global_batch():
@@ -606,6 +624,110 @@ def test_validation_split_without_both_classes_changes_nothing():
     assert "skipped" in method.on_validation(preds)["val_levels"]
     assert torch.equal(_val_factors(method), torch.ones(2))
     assert _method().on_validation(preds) == {}  # levels: train ignores validation
+
+
+# ---- group_weights: validation (per-sample weights from each group's validation AUC gap) ----
+def _group_preds(group_shifts: list[float], n_per_group: int = 200, seed: int = 0):
+    """Validation predictions of the fused head for groups 0, 1, 2 with binormal separations
+    `group_shifts` (d'), and the group code of every sample."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(seed)
+    labels, scores, groups = [], [], []
+    for g, shift in enumerate(group_shifts):
+        y = torch.arange(n_per_group) % 2
+        labels.append(y)
+        scores.append(torch.sigmoid(torch.randn(n_per_group, generator=gen) + shift * y))
+        groups.append(torch.full((n_per_group,), g))
+    preds = SimpleNamespace(
+        label=torch.cat(labels).numpy(), score=torch.cat(scores).double().numpy(), aux_scores={}
+    )
+    return preds, torch.cat(groups).numpy()
+
+
+def _hand_group_weights(
+    preds, groups, temperature: float, z: float = 1.0
+) -> tuple[list[float], list[float]]:
+    """Gaps soft-thresholded by z no-signal standard errors, then exp(gap / T) normalised."""
+    from sklearn.metrics import roc_auc_score
+
+    overall = roc_auc_score(preds.label, preds.score)
+    gaps, shares = [], []
+    for g in range(3):
+        member = groups == g
+        n_pos = int(preds.label[member].sum())
+        n_neg = int(member.sum()) - n_pos
+        se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
+        gap = overall - roc_auc_score(preds.label[member], preds.score[member])
+        gaps.append(math.copysign(max(abs(gap) - z * se, 0.0), gap))
+        shares.append(member.mean())
+    raw = [math.exp(gap / temperature) for gap in gaps]
+    norm = sum(p * r for p, r in zip(shares, raw))
+    return gaps, [r / norm for r in raw]
+
+
+def test_group_weights_match_a_hand_computation_and_average_one():
+    method = _method(group_weights="validation")
+    assert torch.equal(method.group_weight, torch.ones(3))  # before any validation: plain
+    preds, groups = _group_preds([0.5, 1.5, 3.0])  # group 0 served worst
+    stats = method.on_validation(preds, groups)
+    gaps, weights = _hand_group_weights(preds, groups, temperature=0.1)
+    assert [stats[f"group_gap/{g}"] for g in range(3)] == pytest.approx(gaps, abs=1e-12)
+    assert method.group_weight.tolist() == pytest.approx(weights, rel=1e-6)
+    assert weights[0] > 1 > weights[2]  # the lagging group gains, the leading one gives
+    assert float((method.group_weight * torch.tensor([1 / 3] * 3)).sum()) == pytest.approx(1.0)
+    assert abs(gaps[1]) < 0.05  # the middle group sits near the pooled AUC: within noise, 0
+    raw = _method(group_weights="validation", group_z=0.0)
+    raw.on_validation(preds, groups)
+    raw_gaps, _ = _hand_group_weights(preds, groups, temperature=0.1, z=0.0)
+    assert raw.group_gap.tolist() == pytest.approx(raw_gaps, abs=1e-6)
+    assert abs(raw_gaps[0]) > abs(gaps[0])  # shrinkage moves every gap towards 0
+    # smoothing over epochs: gap <- 0.5 gap + 0.5 new gap
+    preds2, groups2 = _group_preds([3.0, 1.5, 0.5], seed=1)
+    stats = method.on_validation(preds2, groups2)
+    gaps2, _ = _hand_group_weights(preds2, groups2, temperature=0.1)
+    expected = [0.5 * a + 0.5 * b for a, b in zip(gaps, gaps2)]  # (state kept in float32)
+    assert [stats[f"group_gap/{g}"] for g in range(3)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_group_weights_are_one_when_no_group_lags():
+    import numpy as np
+
+    preds, _ = _group_preds([1.0])  # one group's scores, copied to all three groups: every
+    preds.label = np.tile(preds.label, 3)  # group's AUC equals the pooled AUC exactly
+    preds.score = np.tile(preds.score, 3)
+    groups = np.repeat([0, 1, 2], 200)
+    method = _method(group_weights="validation")
+    method.on_validation(preds, groups)
+    assert method.group_weight.tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-12)
+
+
+def test_group_with_one_class_keeps_its_last_gap_and_unknown_samples_weigh_one():
+    method = _method(group_weights="validation")
+    preds, groups = _group_preds([0.5, 1.5, 3.0])
+    method.on_validation(preds, groups)
+    before = method.group_gap.clone()
+    preds2, groups2 = _group_preds([0.5, 1.5, 3.0], seed=3)
+    preds2.label[groups2 == 1] = 0  # group 1: one class in this validation
+    method.on_validation(preds2, groups2)
+    assert float(method.group_gap[1]) == pytest.approx(float(before[1]))
+    assert float(method.group_gap[0]) != pytest.approx(float(before[0]))
+    with pytest.raises(ValueError, match="groups"):
+        method.on_validation(preds2, None)
+
+    # the task loss weighs each sample by its group's weight; an unknown group (-1) by 1
+    torch.manual_seed(0)
+    model = TinyMultimodal({"lead": 4, "lag": 4})
+    batch = make_batches(1, seed=4)[0]
+    batch["group"][:3] = -1
+    out = model(batch)
+    loss = method.loss(out, batch, make_context(0, 10, 3, model))
+    per_sample = torch.nn.functional.cross_entropy(out.logits, batch["label"], reduction="none")
+    known = batch["group"].clamp_min(0)
+    weight = torch.where(batch["group"] >= 0, method.group_weight[known], 1.0)
+    torch.testing.assert_close(loss.parts["task"], (weight * per_sample).mean())
+    plain = _method().loss(out, batch, make_context(0, 10, 3, model))
+    torch.testing.assert_close(plain.parts["task"], per_sample.mean())
 
 
 # ---- unimodal_weight: each modality's own loss into its encoder ---------------------------

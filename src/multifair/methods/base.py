@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
@@ -151,10 +152,11 @@ class Method(nn.Module):
     def on_epoch_end(self, ctx: StepContext) -> dict[str, Any]:
         return {}
 
-    def on_validation(self, preds: Any) -> dict[str, Any]:
+    def on_validation(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
         """After each epoch's validation pass, with its predictions (`evaluation.predict.
         Predictions` of the whole validation split - labels, fused and auxiliary scores -
-        identical on every rank). Returns stats for the epoch record."""
+        identical on every rank) and each sample's code of the training attribute (-1 unknown).
+        Returns stats for the epoch record."""
         return {}
 
 

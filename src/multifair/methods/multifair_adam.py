@@ -38,7 +38,25 @@ below its best so far: an overfitting modality stops being pushed), and - after 
 fraction of the run - only while it is above chance by `level_z_on` standard errors of a
 no-signal AUC on that split (sqrt((n+ + n- + 1) / (12 n+ n-))).
 
-Group level (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
+Group weights from held-out data (`group_weights: validation`, off by default): after each
+epoch, the gap of each group's validation AUC of the FUSED prediction to the overall one,
+shrunk towards 0 by `group_z` standard errors of the group's AUC (a no-signal AUC's on the
+group's validation samples: small groups have noisy AUCs, and a gap within noise moves no
+weight) and smoothed over epochs (gap_g <- m gap_g + (1 - m) shrunk gap, the first validation
+sets it), weights each sample's task loss:
+
+    w_g = exp(gap_g / T_g) / sum_h pi_h exp(gap_h / T_g)   (pi: the validation split's group
+                                                          shares, so the mean weight is 1)
+
+A group the fused model serves worse gets more weight; where no group lags (gaps ~ 0) the
+weights are ~1 and training is plain. Unlike inverse-frequency reweighting it follows the
+measured gap, not the group's size, and unlike GroupDRO's training losses (which go to 0 for
+every group on memorised data) the gap comes from data the model does not fit. Unlike
+MultiFair's f_i, a relative weight between the samples of a batch is not undone by AdamW's
+normalisation. Samples with an unknown group keep weight 1; a group with one class in the
+validation split keeps its last gap (0 before). Weights are 1 before the first validation.
+
+Group level, fused loss (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
 with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
 sigmoid((z_p - z_n) / T_s) on fused logit margins. It sends no gradient to the auxiliary
 heads (they read detached features). No gradient multipliers, no rho, no L_gm, no f_i.
@@ -113,6 +131,11 @@ class MultiFairAdamParams(MethodParams):
     # auxiliary heads read detached features, as in erm. With temperature .inf (all factors 1)
     # this is plain joint training plus unimodal losses: the control for the lr balance.
     unimodal_weight: float = Field(0.0, ge=0)
+    # Per-sample task-loss weights from each group's validation-AUC gap (module docstring).
+    group_weights: Literal["off", "validation"] = "off"
+    group_temperature: float = Field(0.1, gt=0)  # T_g: a gap of T_g multiplies a weight by e
+    group_momentum: float = Field(0.5, ge=0, lt=1)  # smoothing of the gaps over epochs
+    group_z: float = Field(1.0, ge=0)  # gaps count only beyond this many standard errors
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -208,6 +231,11 @@ class MultiFairAdam(Method):
         self.register_buffer("val_best", torch.zeros(m))  # the first validation sets it
         self.register_buffer("val_noise", torch.ones(()))
         self.register_buffer("val_seen", torch.zeros(()))
+        # group_weights: validation - smoothed gap of each group's validation AUC to the
+        # overall one, and the per-sample task-loss weight it gives each group
+        self.register_buffer("group_gap", torch.zeros(n_groups))
+        self.register_buffer("group_weight", torch.ones(n_groups))
+        self.register_buffer("group_seen", torch.zeros(()))
 
     def observe(
         self, auc: Tensor, has_both: Tensor, update: bool = True, in_trial: bool = False
@@ -282,9 +310,59 @@ class MultiFairAdam(Method):
             signals[f"lr_factor/{name}"] = factors[i].detach()
         return signals
 
-    def on_validation(self, preds: Any) -> dict[str, Any]:
-        if self.params.levels != "validation":
-            return {}
+    def on_validation(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self.params.levels == "validation":
+            stats.update(self._update_val_levels(preds))
+        if self.params.group_weights == "validation":
+            stats.update(self._update_group_weights(preds, groups))
+        return stats
+
+    def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
+        """gap_g <- m gap_g + (1 - m) (AUC - AUC_g) on the fused validation scores; then the
+        weights exp(gap_g / T_g), normalised to a mean of 1 over the split's known samples."""
+        from multifair.metrics import roc_auc
+
+        if groups is None:
+            raise ValueError("group_weights: validation needs the validation split's groups")
+        labels, score = np.asarray(preds.label), np.asarray(preds.score)
+        groups = np.asarray(groups)
+        overall = roc_auc(labels, score)
+        if not math.isfinite(overall):
+            return {"group_weights": "skipped: the validation split lacks a class"}
+        first = not bool(self.group_seen)
+        m = 0.0 if first else self.params.group_momentum
+        gap = self.group_gap.detach().cpu().double().numpy().copy()
+        shares = np.zeros(self.n_groups)
+        for g in range(self.n_groups):
+            member = groups == g
+            shares[g] = member.sum()
+            auc_g = roc_auc(labels[member], score[member]) if member.any() else math.nan
+            if math.isfinite(auc_g):  # one class (or no sample): keep the last gap
+                n_pos = int(labels[member].sum())
+                n_neg = int(member.sum()) - n_pos
+                se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))  # no-signal AUC
+                raw_gap = overall - auc_g
+                # soft threshold: only the part of the gap beyond `group_z` standard errors
+                shrunk = math.copysign(max(abs(raw_gap) - self.params.group_z * se, 0.0), raw_gap)
+                gap[g] = m * gap[g] + (1 - m) * shrunk
+        shares = shares / max(shares.sum(), 1.0)
+        raw = np.exp(gap / self.params.group_temperature)
+        weight = raw / max(float((shares * raw).sum()), 1e-12) if shares.sum() > 0 else raw
+        self.group_gap.copy_(
+            torch.as_tensor(gap, dtype=self.group_gap.dtype, device=self.group_gap.device)
+        )
+        self.group_weight.copy_(
+            torch.as_tensor(weight, dtype=self.group_weight.dtype, device=self.group_weight.device)
+        )
+        self.group_seen.fill_(1.0)
+        stats: dict[str, Any] = {}
+        for g in range(self.n_groups):
+            stats[f"group_gap/{g}"] = float(gap[g])
+            stats[f"group_weight/{g}"] = float(weight[g])
+        return stats
+
+    def _update_val_levels(self, preds: Any) -> dict[str, Any]:
         from multifair.metrics import roc_auc
 
         labels = np.asarray(preds.label)
@@ -300,8 +378,11 @@ class MultiFairAdam(Method):
         return {f"val_level/{m}": a for m, a in zip(self.modalities, aucs)}
 
     def loss(self, out: ModelOutput, batch: Mapping[str, Any], ctx: StepContext) -> LossOutput:
-        base = super().loss(out, batch, ctx)  # task CE + auxiliary CE (trains only C_i)
         y = batch["label"]
+        if self.params.group_weights == "off":
+            base = super().loss(out, batch, ctx)  # task CE + auxiliary CE (trains only C_i)
+        else:
+            base = self._group_weighted_loss(out, y, batch["group"])
 
         # A_i on the global batch: aux margins and labels from all ranks, one collective.
         margins = torch.stack(
@@ -331,6 +412,16 @@ class MultiFairAdam(Method):
             total = total + self.params.unimodal_weight * unimodal
             parts["unimodal"] = torch.as_tensor(unimodal).detach()
         return LossOutput(total, parts, signals)
+
+    def _group_weighted_loss(self, out: ModelOutput, y: Tensor, groups: Tensor) -> LossOutput:
+        """Task CE with each sample weighted by its group's `group_weight` (unknown: 1), plus
+        the auxiliary heads' plain CE."""
+        member = group_masks(groups, self.n_groups).to(self.group_weight.dtype)  # (B, G)
+        weight = member @ self.group_weight + (1 - member.sum(1))  # (B,)
+        per_sample = nn.functional.cross_entropy(out.logits.float(), y, reduction="none")
+        task = (weight * per_sample).mean()
+        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        return LossOutput(task + aux, {"task": task.detach(), "aux": torch.as_tensor(aux).detach()})
 
     def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor]:
         return {m: loss.signals[f"lr_factor/{m}"] for m in self.modalities}

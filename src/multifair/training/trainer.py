@@ -540,7 +540,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                 model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
             )
             val = evaluate_predictions(val_preds, data.group_names, attribute)
-            epoch_stats.update(method.on_validation(val_preds) or {})
+            val_groups = val_preds.attributes.get(attribute)  # aligned with the predictions
+            epoch_stats.update(method.on_validation(val_preds, val_groups) or {})
             metric = _selection_metric(val, attribute, tc.select_by)
             schedule.epoch_end(metric)
             record = {
