@@ -330,7 +330,7 @@ def test_state_dict_round_trips_and_continues_identically(tmp_path):
     assert set(second.state_dict()) == {
         *("level", "level_slow", "auc_var", "last_auc"),
         *("val_level", "val_best", "val_noise", "val_seen"),
-        *("group_gap", "group_weight", "group_seen"),
+        *("group_gap", "group_weight", "group_seen", "group_measured"),
     }
     a, b = _drive(first, aucs[300:]), _drive(second, aucs[300:])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -339,7 +339,13 @@ def test_state_dict_round_trips_and_continues_identically(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("levels", "group_weights"), [("train", "off"), ("validation", "off"), ("train", "validation")]
+    ("levels", "group_weights"),
+    [
+        ("train", "off"),
+        ("validation", "off"),
+        ("train", "validation"),
+        ("validation", "validation"),
+    ],
 )
 def test_step_has_no_host_sync_on_meta_tensors(levels, group_weights):
     """Meta tensors have no values: any .item(), bool(tensor) or boolean-mask indexing in the
@@ -423,9 +429,10 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
     n = 1000
     y = (torch.rand(n, generator=gen) < 0.5).long()
     lead = torch.randn(n, 4, generator=gen)
-    lead[:, 0] += 1.2 * (2 * y - 1)
     noise = torch.randn(n, 4, generator=gen)  # no signal at all
     race = torch.where(torch.rand(n, generator=gen) < 0.7, 0, 1)
+    # the lead cue is weaker for the smaller group: a group gap for the group weights to see
+    lead[:, 0] += torch.where(race == 0, 1.6, 0.6) * (2 * y - 1)
     table = {f"lead_{i}": lead[:, i].tolist() for i in range(4)}
     table |= {f"noise_{i}": noise[:, i].tolist() for i in range(4)}
     table |= {"race": ["white" if r == 0 else "black" for r in race], "label": y.tolist()}
@@ -495,6 +502,7 @@ def test_noise_lagging_modality_ends_within_noise_of_erm(tmp_path):
         if '"kind": "epoch"' in line
     ]
     assert len(epochs) == 3
+    assert any(e["method"][f"group_gap/{g}"] != 0 for e in epochs for g in range(2))
     for e in epochs:
         weights = [e["method"][f"group_weight/{g}"] for g in range(2)]
         gaps = [e["method"][f"group_gap/{g}"] for g in range(2)]
@@ -651,8 +659,9 @@ def _hand_group_weights(
     """Gaps soft-thresholded by z no-signal standard errors, then exp(gap / T) normalised."""
     from sklearn.metrics import roc_auc_score
 
-    overall = roc_auc_score(preds.label, preds.score)
-    gaps, shares = [], []
+    known = (groups >= 0) & (groups < 3)  # the overall AUC: samples of known group only
+    overall = roc_auc_score(preds.label[known], preds.score[known])
+    gaps, counts = [], []
     for g in range(3):
         member = groups == g
         n_pos = int(preds.label[member].sum())
@@ -660,7 +669,8 @@ def _hand_group_weights(
         se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
         gap = overall - roc_auc_score(preds.label[member], preds.score[member])
         gaps.append(math.copysign(max(abs(gap) - z * se, 0.0), gap))
-        shares.append(member.mean())
+        counts.append(member.sum())
+    shares = [c / sum(counts) for c in counts]
     raw = [math.exp(gap / temperature) for gap in gaps]
     norm = sum(p * r for p, r in zip(shares, raw))
     return gaps, [r / norm for r in raw]
@@ -672,7 +682,7 @@ def test_group_weights_match_a_hand_computation_and_average_one():
     preds, groups = _group_preds([0.5, 1.5, 3.0])  # group 0 served worst
     stats = method.on_validation(preds, groups)
     gaps, weights = _hand_group_weights(preds, groups, temperature=0.1)
-    assert [stats[f"group_gap/{g}"] for g in range(3)] == pytest.approx(gaps, abs=1e-12)
+    assert [stats[f"group_gap/{g}"] for g in range(3)] == pytest.approx(gaps, abs=1e-6)
     assert method.group_weight.tolist() == pytest.approx(weights, rel=1e-6)
     assert weights[0] > 1 > weights[2]  # the lagging group gains, the leading one gives
     assert float((method.group_weight * torch.tensor([1 / 3] * 3)).sum()) == pytest.approx(1.0)
@@ -682,12 +692,54 @@ def test_group_weights_match_a_hand_computation_and_average_one():
     raw_gaps, _ = _hand_group_weights(preds, groups, temperature=0.1, z=0.0)
     assert raw.group_gap.tolist() == pytest.approx(raw_gaps, abs=1e-6)
     assert abs(raw_gaps[0]) > abs(gaps[0])  # shrinkage moves every gap towards 0
-    # smoothing over epochs: gap <- 0.5 gap + 0.5 new gap
+    # smoothing over epochs: gap <- m gap + (1 - m) new gap
+    slow = _method(group_weights="validation", group_momentum=0.8)
+    slow.on_validation(preds, groups)
     preds2, groups2 = _group_preds([3.0, 1.5, 0.5], seed=1)
-    stats = method.on_validation(preds2, groups2)
+    stats = slow.on_validation(preds2, groups2)
     gaps2, _ = _hand_group_weights(preds2, groups2, temperature=0.1)
-    expected = [0.5 * a + 0.5 * b for a, b in zip(gaps, gaps2)]  # (state kept in float32)
+    expected = [0.8 * a + 0.2 * b for a, b in zip(gaps, gaps2)]  # (state kept in float32)
     assert [stats[f"group_gap/{g}"] for g in range(3)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_group_weights_normalise_over_unequal_groups_and_ignore_unknown_codes():
+    """Unequal group sizes, plus samples of unknown group (-1) and an out-of-range code: the
+    overall AUC and the shares use the known groups only, and their mean weight is 1."""
+    import numpy as np
+
+    preds, groups = _group_preds([0.5, 1.5, 3.0], n_per_group=300, seed=5)
+    keep = np.r_[np.arange(0, 60), np.arange(300, 420), np.arange(600, 900)]  # 60/120/300
+    extra, _ = _group_preds([0.0, 0.0], n_per_group=100, seed=6)  # unrankable unknowns
+    preds.label = np.r_[preds.label[keep], extra.label]
+    preds.score = np.r_[preds.score[keep], extra.score]
+    groups = np.r_[groups[keep], np.full(100, -1), np.full(100, 7)]
+    method = _method(group_weights="validation")
+    method.on_validation(preds, groups)
+    known = groups[(groups >= 0) & (groups < 3)]
+    gaps, weights = _hand_group_weights(preds, groups, temperature=0.1)
+    assert method.group_gap.tolist() == pytest.approx(gaps, abs=1e-6)
+    assert method.group_weight.tolist() == pytest.approx(weights, rel=1e-5)
+    w = method.group_weight.double()
+    assert float(w[torch.as_tensor(known)].mean()) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="group codes"):
+        method.on_validation(preds, groups[:-1])
+
+
+def test_a_group_absent_from_validation_keeps_weight_one():
+    import numpy as np
+
+    preds, groups = _group_preds([0.5, 3.0])  # groups 0 and 1 only; group 2 never measured
+    method = _method(group_weights="validation")
+    method.on_validation(preds, groups)
+    w = method.group_weight.double()
+    assert float(w[2]) == 1.0
+    assert float(w[0]) > 1 > float(w[1])
+    assert float(w[:2].mean()) == pytest.approx(1.0, abs=1e-6)  # equal shares of 0 and 1
+    assert not bool(method.group_measured[2])
+    # measured later (it then starts from its own gap, not from a damped 0)
+    preds3, groups3 = _group_preds([0.5, 3.0, 0.5], seed=2)
+    method.on_validation(preds3, np.asarray(groups3))
+    assert bool(method.group_measured[2]) and float(method.group_weight[2]) > 1
 
 
 def test_group_weights_are_one_when_no_group_lags():
@@ -726,8 +778,23 @@ def test_group_with_one_class_keeps_its_last_gap_and_unknown_samples_weigh_one()
     known = batch["group"].clamp_min(0)
     weight = torch.where(batch["group"] >= 0, method.group_weight[known], 1.0)
     torch.testing.assert_close(loss.parts["task"], (weight * per_sample).mean())
+    aux = sum(torch.nn.functional.cross_entropy(u, batch["label"]) for u in out.aux_logits.values())
+    torch.testing.assert_close(loss.parts["aux"], aux)  # the auxiliary heads: unweighted
+    torch.testing.assert_close(loss.total, loss.parts["task"] + aux)
     plain = _method().loss(out, batch, make_context(0, 10, 3, model))
     torch.testing.assert_close(plain.parts["task"], per_sample.mean())
+
+
+def test_a_checkpoint_from_before_the_validation_state_still_loads():
+    method = _method(group_weights="validation")
+    preds, groups = _group_preds([0.5, 1.5, 3.0])
+    old = {k: v for k, v in method.state_dict().items() if not k.startswith(("val_", "group_"))}
+    fresh = _method(group_weights="validation")
+    fresh.load_state_dict(old)  # strict: the later buffers keep their initial values
+    assert torch.equal(fresh.group_weight, torch.ones(3))
+    method.on_validation(preds, groups)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        fresh.load_state_dict({**method.state_dict(), "bogus": torch.zeros(1)})
 
 
 # ---- unimodal_weight: each modality's own loss into its encoder ---------------------------

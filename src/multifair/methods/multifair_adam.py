@@ -39,22 +39,25 @@ fraction of the run - only while it is above chance by `level_z_on` standard err
 no-signal AUC on that split (sqrt((n+ + n- + 1) / (12 n+ n-))).
 
 Group weights from held-out data (`group_weights: validation`, off by default): after each
-epoch, the gap of each group's validation AUC of the FUSED prediction to the overall one,
+epoch, the gap of each group's validation AUC of the FUSED prediction to the overall one (both
+over the samples of known group),
 shrunk towards 0 by `group_z` standard errors of the group's AUC (a no-signal AUC's on the
 group's validation samples: small groups have noisy AUCs, and a gap within noise moves no
 weight) and smoothed over epochs (gap_g <- m gap_g + (1 - m) shrunk gap, the first validation
 sets it), weights each sample's task loss:
 
-    w_g = exp(gap_g / T_g) / sum_h pi_h exp(gap_h / T_g)   (pi: the validation split's group
-                                                          shares, so the mean weight is 1)
+    w_g = exp(gap_g / T_g) / sum_h pi_h exp(gap_h / T_g)   (pi: the measured groups' shares of
+                                                          the split: their mean weight is 1)
 
 A group the fused model serves worse gets more weight; where no group lags (gaps ~ 0) the
 weights are ~1 and training is plain. Unlike inverse-frequency reweighting it follows the
 measured gap, not the group's size, and unlike GroupDRO's training losses (which go to 0 for
 every group on memorised data) the gap comes from data the model does not fit. Unlike
 MultiFair's f_i, a relative weight between the samples of a batch is not undone by AdamW's
-normalisation. Samples with an unknown group keep weight 1; a group with one class in the
-validation split keeps its last gap (0 before). Weights are 1 before the first validation.
+normalisation. Samples with an unknown group keep weight 1, and so does a group never measured
+(absent from the split, or never with both classes there); a measured group with one class in
+a later validation keeps its last gap. Weights are 1 before the first validation. The
+auxiliary heads' CE and the unimodal loss stay unweighted.
 
 Group level, fused loss (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
 with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
@@ -236,6 +239,21 @@ class MultiFairAdam(Method):
         self.register_buffer("group_gap", torch.zeros(n_groups))
         self.register_buffer("group_weight", torch.ones(n_groups))
         self.register_buffer("group_seen", torch.zeros(()))
+        self.register_buffer("group_measured", torch.zeros(n_groups, dtype=torch.bool))
+
+    # State added after the first release of this method: a checkpoint written before it lacks
+    # these buffers, and they load as their initial values ("no validation seen yet").
+    _LATER_STATE = (
+        *("val_level", "val_best", "val_noise", "val_seen"),
+        *("group_gap", "group_weight", "group_seen", "group_measured"),
+    )
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        for name in self._LATER_STATE:
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def observe(
         self, auc: Tensor, has_both: Tensor, update: bool = True, in_trial: bool = False
@@ -319,47 +337,60 @@ class MultiFairAdam(Method):
         return stats
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
-        """gap_g <- m gap_g + (1 - m) (AUC - AUC_g) on the fused validation scores; then the
-        weights exp(gap_g / T_g), normalised to a mean of 1 over the split's known samples."""
+        """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
+        samples with a known group; then the weights exp(gap_g / T_g), normalised to a mean of
+        1 over the measured groups' samples. A group never measured (absent from the split, or
+        never with both classes) keeps weight 1, like a sample of unknown group."""
         from multifair.metrics import roc_auc
 
         if groups is None:
             raise ValueError("group_weights: validation needs the validation split's groups")
         labels, score = np.asarray(preds.label), np.asarray(preds.score)
         groups = np.asarray(groups)
-        overall = roc_auc(labels, score)
+        if groups.shape != labels.shape:
+            raise ValueError(
+                f"group_weights: {groups.shape[0]} group codes for {labels.shape[0]} predictions"
+            )
+        known = (groups >= 0) & (groups < self.n_groups)
+        overall = roc_auc(labels[known], score[known]) if known.any() else math.nan
         if not math.isfinite(overall):
-            return {"group_weights": "skipped: the validation split lacks a class"}
-        first = not bool(self.group_seen)
-        m = 0.0 if first else self.params.group_momentum
+            return {"group_weights": "skipped: no known-group samples of both classes"}
+        m = self.params.group_momentum
         gap = self.group_gap.detach().cpu().double().numpy().copy()
-        shares = np.zeros(self.n_groups)
+        measured = self.group_measured.detach().cpu().numpy().astype(bool)
+        counts = np.zeros(self.n_groups)
         for g in range(self.n_groups):
             member = groups == g
-            shares[g] = member.sum()
+            counts[g] = member.sum()
             auc_g = roc_auc(labels[member], score[member]) if member.any() else math.nan
-            if math.isfinite(auc_g):  # one class (or no sample): keep the last gap
-                n_pos = int(labels[member].sum())
-                n_neg = int(member.sum()) - n_pos
-                se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))  # no-signal AUC
-                raw_gap = overall - auc_g
-                # soft threshold: only the part of the gap beyond `group_z` standard errors
-                shrunk = math.copysign(max(abs(raw_gap) - self.params.group_z * se, 0.0), raw_gap)
-                gap[g] = m * gap[g] + (1 - m) * shrunk
-        shares = shares / max(shares.sum(), 1.0)
-        raw = np.exp(gap / self.params.group_temperature)
-        weight = raw / max(float((shares * raw).sum()), 1e-12) if shares.sum() > 0 else raw
+            if not math.isfinite(auc_g):  # one class (or no sample): keep the last gap
+                continue
+            n_pos = int(labels[member].sum())
+            n_neg = int(member.sum()) - n_pos
+            se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))  # no-signal AUC
+            raw_gap = overall - auc_g
+            # soft threshold: only the part of the gap beyond `group_z` standard errors
+            shrunk = math.copysign(max(abs(raw_gap) - self.params.group_z * se, 0.0), raw_gap)
+            gap[g] = (m * gap[g] + (1 - m) * shrunk) if measured[g] else shrunk
+            measured[g] = True
+        weight = np.ones(self.n_groups)
+        if measured.any():
+            logit = gap[measured] / self.params.group_temperature
+            raw = np.exp(logit - logit.max())  # the normalisation cancels the shift
+            shares = counts[measured] / max(counts[measured].sum(), 1.0)
+            weight[measured] = raw / max(float((shares * raw).sum()), 1e-300)
         self.group_gap.copy_(
             torch.as_tensor(gap, dtype=self.group_gap.dtype, device=self.group_gap.device)
         )
         self.group_weight.copy_(
             torch.as_tensor(weight, dtype=self.group_weight.dtype, device=self.group_weight.device)
         )
+        self.group_measured.copy_(torch.as_tensor(measured, device=self.group_measured.device))
         self.group_seen.fill_(1.0)
         stats: dict[str, Any] = {}
         for g in range(self.n_groups):
-            stats[f"group_gap/{g}"] = float(gap[g])
-            stats[f"group_weight/{g}"] = float(weight[g])
+            stats[f"group_gap/{g}"] = float(self.group_gap[g])
+            stats[f"group_weight/{g}"] = float(self.group_weight[g])
         return stats
 
     def _update_val_levels(self, preds: Any) -> dict[str, Any]:
