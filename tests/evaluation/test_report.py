@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 
+import pytest
 import yaml
 
 from multifair.evaluation import benchmark as bm
@@ -108,3 +109,35 @@ def test_benchmark_report_has_tables_scatter_paired_sweep_and_rocs(
     assert html.count('class="finding"') == 1
     assert "<code>[gap_above_tau]</code> in 8 runs" in html
     assert "<td>data/race/mf__delta=0.6/seed1</td>" in html
+
+
+def test_run_report_plots_group_weights_per_epoch_with_group_names(
+    tmp_path, make_run_dir, make_log
+):
+    """`group_weights: validation` writes group_weight/<code> into each epoch record's method
+    stats: the report adds one figure of them, with the codes named from metrics.json."""
+    import json
+
+    from multifair.evaluation.diagnostics import read_log
+    from multifair.evaluation.report import _group_names, _method_epoch_series, training_figures
+
+    log = make_log(epochs=4, steps_per_epoch=5)
+    epochs = [rec for rec in log if rec["kind"] == "epoch"]
+    for i, rec in enumerate(epochs):
+        rec["method"] = {"group_weight/0": 0.8 - 0.05 * i, "group_weight/1": 1.5 + 0.1 * i}
+    epochs[2]["method"]["group_weight/1"] = float("nan")  # skipped, not plotted as 0
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir, log=log)
+    series = _method_epoch_series(read_log(run_dir / "log.jsonl"), "group_weight/")
+    assert sorted(series) == ["0", "1"]
+    assert series["0"][1].tolist() == pytest.approx([0.8, 0.75, 0.7, 0.65])
+    assert series["1"][0].tolist() == [0, 1, 3]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    names = _group_names(metrics, metrics["attribute"])
+    assert names and set(names) >= {"0", "1"} and all(names.values())
+    parsed = read_log(run_dir / "log.jsonl")
+    plain = read_log(run_dir / "log.jsonl")
+    plain.epochs = [{k: v for k, v in rec.items() if k != "method"} for rec in plain.epochs]
+    assert len(training_figures(parsed, None)) == len(training_figures(plain, None)) + 1
+    html = write_report(run_dir).read_text()
+    assert len(assert_self_contained(html)) == len(training_figures(parsed, None)) + 1  # + ROC

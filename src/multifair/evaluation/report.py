@@ -19,7 +19,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,12 @@ def group_roc_figure(predictions: Path, attribute: str, title: str = "") -> str 
     return _img(png)
 
 
-def training_figures(log: RunLog, tau: float | None, title: str = "") -> list[str]:
-    """Aux AUC per modality, modulation factors, gap vs tau, validation metrics per epoch."""
+def training_figures(
+    log: RunLog, tau: float | None, title: str = "", group_names: Mapping[str, str] | None = None
+) -> list[str]:
+    """Aux AUC per modality, modulation factors, gap vs tau, validation metrics per epoch, and
+    per-group loss weights set after each validation (`group_weight/<code>` in the epoch
+    records' method stats; `group_names` maps codes to names)."""
     images = []
     modalities = log.modalities("aux_auc")
     if modalities:
@@ -194,7 +198,40 @@ def training_figures(log: RunLog, tau: float | None, title: str = "") -> list[st
         ax.set(xlabel="epoch", ylabel="validation", title=f"{title} validation per epoch".strip())
         ax.legend(fontsize=7)
         images.append(_png(fig))
+    weights = _method_epoch_series(log, "group_weight/")
+    if weights:
+        names = group_names or {}
+        fig, ax = _subplots(figsize=(5.5, 3.2))
+        for code, (ge, gw) in weights.items():
+            ax.plot(ge, gw, "o-", label=names.get(code, f"group {code}"))
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.set(
+            xlabel="epoch (weights set after its validation)",
+            ylabel="task-loss weight",
+            title=f"{title} group weights".strip(),
+        )
+        ax.legend(fontsize=7)
+        images.append(_png(fig))
     return images
+
+
+def _method_epoch_series(log: RunLog, prefix: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{suffix: (epochs, values)} of the numeric `<prefix><suffix>` stats that the method's
+    epoch hooks wrote into the epoch records (`method`)."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for i, rec in enumerate(log.epochs):
+        for key, value in (rec.get("method") or {}).items():
+            if key.startswith(prefix) and isinstance(value, (int, float)) and math.isfinite(value):
+                xs, ys = out.setdefault(key[len(prefix) :], ([], []))
+                xs.append(rec.get("epoch", i))
+                ys.append(float(value))
+    return {k: (np.asarray(x, float), np.asarray(y, float)) for k, (x, y) in out.items()}
+
+
+def _group_names(metrics: Mapping[str, Any], attribute: str | None) -> dict[str, str]:
+    """Group code (as text) -> name for an attribute, from a metrics.json's test groups."""
+    attrs = ((metrics.get("test") or {}).get("attributes") or {}).get(attribute or "") or {}
+    return {str(g.get("code")): str(g.get("name")) for g in attrs.get("groups") or []}
 
 
 def _moving(y: np.ndarray) -> np.ndarray:
@@ -482,7 +519,7 @@ def render_run_report(run_dir: str | Path) -> str:
     )
     log = read_log(log_path) if log_path.is_file() else RunLog()
     body.append("<h2>Training</h2>")
-    images = training_figures(log, tau)
+    images = training_figures(log, tau, group_names=_group_names(metrics, attribute))
     body.append("".join(images) if images else "<p>No training log signals.</p>")
     body.append("<h2>Diagnostics</h2>")
     body.append(findings_html(diagnose(log, tau)))
@@ -552,7 +589,11 @@ def render_benchmark_report(
                 rocs.append(image)
             curves.append(
                 f"<h4>{_esc(run.variant)} (seed {run.seed})</h4>"
-                + "".join(training_figures(log, metrics.get("tau")))
+                + "".join(
+                    training_figures(
+                        log, metrics.get("tau"), group_names=_group_names(metrics, table.attribute)
+                    )
+                )
             )
         body.append(f'<div class="figs">{"".join(rocs)}</div>')
         body.append("<h3>Training curves (first seed of each row)</h3>" + "".join(curves))
