@@ -41,6 +41,8 @@ def test_run_report_sections_images_and_diagnostics(tmp_path, make_run_dir, make
     assert len(assert_self_contained(html)) == 5
     assert "group AUC gap stays above tau for most of training" in html
     assert "ES-AUC" in html and "white" in html
+    # every table scrolls inside its own box, so a wide one does not widen the page
+    assert html.count("<table>") == html.count('<div class="scroll"><table>') > 0
 
 
 def test_run_report_says_when_no_signature_is_found(tmp_path, make_run_dir, make_log):

@@ -45,6 +45,9 @@ h3{margin-top:1.4em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.86em}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
+.scroll{overflow-x:auto;max-width:100%}
+td:first-child{position:sticky;left:0;background:#fff}
+th:first-child{position:sticky;left:0}
 .note{color:#555;font-size:.85em;margin:.1em 0}
 .finding{border-left:4px solid #d9822b;background:#fff8f0;padding:.4em .8em;margin:.6em 0}
 .ok{border-left:4px solid #3a9a5b;background:#f2fbf4;padding:.4em .8em}
@@ -82,7 +85,11 @@ def _esc(value: Any) -> str:
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # wide tables scroll inside their box (the page keeps its width); the row labels stay put
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def _page(title: str, body: str) -> str:
