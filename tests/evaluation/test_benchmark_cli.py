@@ -15,6 +15,8 @@ from multifair.cli import main
         (["benchmark", "missing.yaml"], "config file not found: missing.yaml"),
         (["benchmark", "x.yaml", "--workers", "0"], "--workers must be >= 1, got 0"),
         (["benchmark", "collect", "DIR", "--plan"], "--plan goes with a benchmark CONFIG"),
+        (["benchmark", "x.yaml", "--with", "DIR2"], "--with go with `collect DIR`"),
+        (["benchmark", "collect", "DIR", "--with", "DIR2"], "DIR: not a benchmark directory"),
         (["report", "no/such/dir"], "not a directory: no/such/dir"),
     ],
 )

@@ -442,6 +442,60 @@ def test_collect_can_pair_with_another_entry(tmp_path, make_run_dir):
         bm.collect(out_dir, reference="nope")
 
 
+def test_collect_pools_a_replication_run_in_another_directory(tmp_path, make_run_dir):
+    """Seeds 0-2 in one benchmark directory, 3-4 of two of its rows in another (a
+    replication): pooled, the paired differences use all 5 seeds of the shared rows."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    _, out_dir = populate(tmp_path / "first", make_run_dir)
+    meta = tmp_path / "first" / "synth_meta.json"
+    path = write_config(
+        tmp_path / "second",
+        name="unit replication",
+        output=str(tmp_path / "second" / "bench"),
+        seeds=[3, 4],
+        sweep=None,
+        datasets=[{"label": "synth", "synth_meta": str(meta)}],
+        methods=[
+            {"label": "erm", "method": {"name": "erm"}},
+            {"label": "fin", "method": {"name": "fin"}},
+        ],
+    )
+    cfg2, out2 = bm.load_benchmark(path)
+    bm.write_manifest(cfg2, out2)
+    for run in bm.plan(cfg2, out2):
+        make_run_dir(
+            run.run_dir, method=run.method, seed=run.seed, signal=1.0 + 0.3 * (run.label == "fin")
+        )
+    first, second = bm.collect(out_dir), bm.collect(out2)
+    merged = bm.merge_collections([first, second])
+    assert merged.config.seeds == [0, 1, 2, 3, 4] and merged.out_dir == out_dir
+    assert merged.config.name == "unit + unit replication"
+    (table,) = bt.build_tables(merged, n_boot=0)
+    rows = {r.label: r for r in table.rows}
+    assert rows["fin"].paired["auc"].n == 5 and rows["oct only"].seeds == [0, 1, 2]
+    by_seed = {
+        (r.run.label, r.run.seed): json.loads((r.run.run_dir / "metrics.json").read_text())
+        for r in first.finished + second.finished
+    }
+    auc = lambda label, s: by_seed[(label, s)]["test"]["overall"]["auc"]  # noqa: E731
+    hand = [auc("fin", s) - auc("erm", s) for s in range(5)]
+    assert rows["fin"].paired["auc"].mean == pytest.approx(np.mean(hand))
+    # --seeds and --reference act on the pooled seeds and rows
+    only = bm.merge_collections([first, second], seeds="2-3", reference="fin")
+    assert only.config.seeds == [2, 3] and {r.run.seed for r in only.finished} == {2, 3}
+    assert only.config.reference == "fin"
+    from multifair.cli import main
+
+    assert main(["benchmark", "collect", str(out_dir), "--with", str(out2), "--no-report"]) == 0
+    pooled_md = (out_dir / "results" / "with_unit_replication" / "results.md").read_text()
+    assert "unit + unit replication" in pooled_md and "| fin" in pooled_md
+    with pytest.raises(UserError, match="disjoint seeds"):
+        bm.merge_collections([first, first])
+    with pytest.raises(UserError, match="--reference 'nope'"):
+        bm.merge_collections([first, second], reference="nope")
+
+
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "benchmarks"
 
 

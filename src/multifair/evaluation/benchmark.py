@@ -733,6 +733,69 @@ def parse_seeds(spec: str, available: Sequence[int]) -> list[int]:
     return [seed for seed in available if seed in set(seeds)]
 
 
+def merge_collections(
+    collections: Sequence[Collection], seeds: str | None = None, reference: str | None = None
+) -> Collection:
+    """Pool benchmark directories that ran the same datasets and attributes on other seeds
+    (a replication in its own directory, say) into one collection: rows are matched by label,
+    and paired differences use every seed both rows have. A (row, seed) in two directories is
+    an error. `seeds` and `reference` act on the pooled collection as in `collect`. Tables and
+    report go to the first directory."""
+    first = collections[0]
+    cfg = first.config
+    key = lambda c: ([d.label for d in c.config.datasets], list(c.config.attributes))  # noqa: E731
+    for other in collections[1:]:
+        if key(other) != key(first):
+            raise UserError(
+                f"{other.out_dir}: datasets/attributes {key(other)} differ from "
+                f"{first.out_dir}'s {key(first)}; only benchmarks of the same data pool"
+            )
+    owner: dict[tuple[str, str, str, int], Path] = {}
+    for c in collections:
+        for run in c.runs:
+            cell = (run.dataset, run.attribute, run.variant, run.seed)
+            if cell in owner:
+                raise UserError(
+                    f"{run.variant} seed {run.seed} ({run.dataset}/{run.attribute}) is in both "
+                    f"{owner[cell]} and {c.out_dir}: pooled benchmarks need disjoint seeds"
+                )
+            owner[cell] = c.out_dir
+    labels = [m.label for m in cfg.methods]
+    methods = list(cfg.methods)
+    for c in collections[1:]:
+        for m in c.config.methods:
+            if m.label not in labels:
+                labels.append(m.label)
+                methods.append(m)
+    all_seeds = sorted({seed for c in collections for seed in c.config.seeds})
+    keep = set(parse_seeds(seeds, all_seeds)) if seeds is not None else set(all_seeds)
+    if reference is not None and reference not in labels:
+        raise UserError(f"--reference {reference!r}: not an entry label (labels: {labels})")
+    name = " + ".join(c.config.name for c in collections)
+    if seeds is not None:
+        name += f", seeds {seeds}"
+    if reference is not None:
+        name += f", vs {reference}"
+    merged = cfg.model_copy(
+        update={
+            "seeds": [s for s in all_seeds if s in keep],
+            "methods": methods,
+            "name": name,
+            "reference": reference or cfg.reference,
+        }
+    )
+    pick = lambda runs: [r for r in runs if r.seed in keep]  # noqa: E731
+    return Collection(
+        merged,
+        first.out_dir,
+        pick([r for c in collections for r in c.runs]),
+        [r for c in collections for r in c.finished if r.run.seed in keep],
+        pick([r for c in collections for r in c.missing]),
+        [(r, e) for c in collections for r, e in c.failed if r.seed in keep],
+        pick([r for c in collections for r in c.stale]),
+    )
+
+
 def collect(
     out_dir: str | Path,
     cfg: BenchmarkConfig | None = None,

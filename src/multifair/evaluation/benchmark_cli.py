@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "benchmark",
         help="run a methods x seeds x attributes matrix and tabulate it",
         usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--n-boot N] [--no-report]\n"
-        "       multifair benchmark collect DIR [--seeds 10-19] [--reference LABEL] [--n-boot N] [--no-report]",
+        "       multifair benchmark collect DIR [--with DIR2 ...] [--seeds 10-19] [--reference LABEL] [--n-boot N] [--no-report]",
         description="Run a benchmark matrix as separate training processes (resumable), then "
         "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
         "Forms: `benchmark CONFIG`, `benchmark run CONFIG`, `benchmark collect DIR`.",
@@ -46,6 +46,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="collect only: pair every row with this entry instead of the config's reference; "
         "tables go to DIR/results/vs_<LABEL>/ (with --seeds: seeds_<SEEDS>_vs_<LABEL>)",
+    )
+    p.add_argument(
+        "--with",
+        dest="pool",
+        action="append",
+        default=None,
+        metavar="DIR2",
+        help="collect only (repeatable): pool another benchmark directory of the same data run "
+        "on other seeds (a replication); rows match by label; tables go to "
+        "DIR/results/with_<NAME2>/",
     )
     p.set_defaults(func=run)
 
@@ -82,9 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if action == "collect":
         if args.plan:
             raise UserError("--plan goes with a benchmark CONFIG, not with `collect`")
+        if args.pool:
+            collections = [bm.collect(d) for d in [path, *args.pool]]
+            merged = bm.merge_collections(collections, seeds=args.seeds, reference=args.reference)
+            return _summarise(merged, args)
         return _summarise(bm.collect(path, seeds=args.seeds, reference=args.reference), args)
-    if args.seeds is not None or args.reference is not None:
-        raise UserError("--seeds and --reference go with `collect DIR`, not with a run")
+    if args.seeds is not None or args.reference is not None or args.pool:
+        raise UserError("--seeds, --reference and --with go with `collect DIR`, not with a run")
 
     cfg, out_dir = bm.load_benchmark(path)
     runs = bm.plan(cfg, out_dir)
@@ -118,6 +132,8 @@ def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
     tables = bt.build_tables(collection, n_boot=args.n_boot)
     bt.print_tables(tables)
     parts = []
+    if getattr(args, "pool", None):
+        parts.append("with_" + "_".join(bm.safe_name(bm.load_manifest(d).name) for d in args.pool))
     if args.seeds:
         parts.append(f"seeds_{args.seeds.replace(',', '_')}")
     if args.reference:
