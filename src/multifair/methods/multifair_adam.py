@@ -89,6 +89,7 @@ from multifair.methods.signals import (
     binary_auc,
     gather_batch,
     group_masks,
+    group_weighted_ce,
     pairwise_surrogate_auc,
     surrogate_scores,
 )
@@ -238,14 +239,13 @@ class MultiFairAdam(Method):
         # overall one, and the per-sample task-loss weight it gives each group
         self.register_buffer("group_gap", torch.zeros(n_groups))
         self.register_buffer("group_weight", torch.ones(n_groups))
-        self.register_buffer("group_seen", torch.zeros(()))
         self.register_buffer("group_measured", torch.zeros(n_groups, dtype=torch.bool))
 
     # State added after the first release of this method: a checkpoint written before it lacks
     # these buffers, and they load as their initial values ("no validation seen yet").
     _LATER_STATE = (
         *("val_level", "val_best", "val_noise", "val_seen"),
-        *("group_gap", "group_weight", "group_seen", "group_measured"),
+        *("group_gap", "group_weight", "group_measured"),
     )
 
     def _load_from_state_dict(  # type: ignore[override]
@@ -253,6 +253,7 @@ class MultiFairAdam(Method):
     ) -> None:
         for name in self._LATER_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        state_dict.pop(prefix + "group_seen", None)  # written by a development version
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def observe(
@@ -386,7 +387,6 @@ class MultiFairAdam(Method):
             torch.as_tensor(weight, dtype=self.group_weight.dtype, device=self.group_weight.device)
         )
         self.group_measured.copy_(torch.as_tensor(measured, device=self.group_measured.device))
-        self.group_seen.fill_(1.0)
         stats: dict[str, Any] = {}
         for g in range(self.n_groups):
             stats[f"group_gap/{g}"] = float(self.group_gap[g])
@@ -447,10 +447,7 @@ class MultiFairAdam(Method):
     def _group_weighted_loss(self, out: ModelOutput, y: Tensor, groups: Tensor) -> LossOutput:
         """Task CE with each sample weighted by its group's `group_weight` (unknown: 1), plus
         the auxiliary heads' plain CE."""
-        member = group_masks(groups, self.n_groups).to(self.group_weight.dtype)  # (B, G)
-        weight = member @ self.group_weight + (1 - member.sum(1))  # (B,)
-        per_sample = nn.functional.cross_entropy(out.logits.float(), y, reduction="none")
-        task = (weight * per_sample).mean()
+        task = group_weighted_ce(out.logits, y, groups, self.group_weight)
         aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
         return LossOutput(task + aux, {"task": task.detach(), "aux": torch.as_tensor(aux).detach()})
 

@@ -33,7 +33,7 @@ from multifair.methods.base import (
     ModelOutput,
     StepContext,
 )
-from multifair.methods.signals import group_masks
+from multifair.methods.signals import group_masks, group_weighted_ce
 
 
 class ReweightParams(MethodParams):
@@ -77,10 +77,7 @@ class Reweight(Method):
         batch_counts = ctx.gather(member.sum(0)[None]).sum(0)  # (G,) global batch
         self.counts.add_((1 - self.frozen) * batch_counts)
         weights = inverse_frequency_weights(self.counts, self.params.power)  # (G,)
-        known = member.sum(1)  # (B,) 1 in a group, 0 for unknown
-        per_sample_weight = member @ weights + (1 - known)  # (B,) unknown: weight 1
-        per_sample = nn.functional.cross_entropy(out.logits.float(), y, reduction="none")
-        task = (per_sample_weight * per_sample).mean()
+        task = group_weighted_ce(out.logits, y, groups, weights)  # unknown group: weight 1
         aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
         signals = {f"weight/{g}": weights[g] for g in range(self.n_groups)}
         return LossOutput(task + aux, {"task": task.detach(), "aux": aux.detach()}, signals)

@@ -36,6 +36,15 @@ def group_masks(groups: Tensor, n_groups: int) -> Tensor:
     return groups[:, None] == codes[None, :]
 
 
+def group_weighted_ce(logits: Tensor, labels: Tensor, groups: Tensor, weights: Tensor) -> Tensor:
+    """mean_n w_{g(n)} CE(z_n, y_n): each sample's cross-entropy weighted by its group's weight
+    (`weights` (G,)); a sample of unknown group (-1, or a code outside 0..G-1) weighs 1."""
+    member = group_masks(groups, weights.shape[0]).to(weights.dtype)  # (B, G)
+    per_sample_weight = member @ weights + (1 - member.sum(1))  # (B,)
+    per_sample = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return (per_sample_weight * per_sample).mean()
+
+
 def binary_auc(scores: Tensor, labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """ROC-AUC from ranks (Mann-Whitney U), ties counted as one half, batched over leading dims.
 
