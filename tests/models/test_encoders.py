@@ -286,3 +286,29 @@ def test_timm_without_timm_is_a_clear_error():
         UserError, match=r"encoder 'timm' needs the timm package.*multifair\[timm\]"
     ):
         build_encoder("timm", {"model": "resnet18"}, InputSpec("f", "image", (3, 32, 32)))
+
+
+def test_text_frozen_cache_encodes_each_distinct_text_once_and_matches_fresh_features():
+    enc = build_encoder("text", {"freeze": True}, InputSpec("note", "text"))
+    fresh = build_encoder("text", {"freeze": True, "cache": False}, InputSpec("note", "text"))
+    assert enc.use_cache and not fresh.use_cache
+    calls: list[int] = []
+    enc.model.register_forward_hook(
+        lambda mod, args, out: calls.append(len(args[0] if args else []))
+    )
+    first = enc(TEXTS)
+    assert len(calls) == 1 and len(enc._cache) == len(set(TEXTS))
+    again = enc([TEXTS[2], TEXTS[0]])  # all seen: no transformer call
+    assert len(calls) == 1 and torch.equal(again, torch.stack([first[2], first[0]]))
+    mixed = enc([TEXTS[1], "a note never seen before", TEXTS[1]])  # only the new one is encoded
+    assert len(calls) == 2 and len(enc._cache) == len(set(TEXTS)) + 1
+    assert torch.equal(mixed[0], mixed[2])
+    with torch.no_grad():
+        reference = fresh([TEXTS[1], "a note never seen before", TEXTS[1]])
+    assert torch.allclose(mixed, reference, atol=1e-5)  # padding length differs: float noise
+    assert mixed.dtype == torch.float32 and mixed.grad_fn is None
+    # fine-tuned encoders never cache: their features change with every step
+    tuned = build_encoder("text", {}, InputSpec("note", "text"))
+    assert not tuned.use_cache
+    tuned(TEXTS[:2])
+    assert tuned._cache == {}
