@@ -71,11 +71,12 @@ class TextEncoder(Encoder):
     or `cls`. `freeze` keeps the transformer fixed (no gradients, eval mode: a fast CPU
     option); otherwise it is fine-tuned as part of f_i. A frozen encoder maps each distinct text
     to fixed features, so by default (`cache`) it remembers them (float32, in CPU memory, one
-    entry per distinct text: a 10,000-note data set at hidden size 768 holds about 30 MB) and encodes only texts it has not seen: after the first epoch, training reads the
-    notes at the cost of a lookup. Cached features equal fresh ones up to the float noise of a
-    different padding length. `fallback: random_bert_base` builds a
-    randomly initialised BERT-base (with the bundled uncased WordPiece vocabulary, which is
-    bert-base-uncased's) when `path` has no local files - the `paper` preset's choice, logged.
+    entry per distinct text: a 10,000-note data set at hidden size 768 holds about 30 MB) and
+    encodes only texts it has not seen: after the first epoch, training reads the notes at the
+    cost of a lookup. Cached features equal fresh ones up to the float noise of a different
+    padding length. `fallback: random_bert_base` builds a randomly initialised BERT-base (with
+    the bundled uncased WordPiece vocabulary, which is bert-base-uncased's) when `path` has no
+    local files - the `paper` preset's choice, logged.
     """
 
     kinds = ("text",)
