@@ -508,3 +508,39 @@ def test_every_shipped_benchmark_config_loads_and_plans(name):
     assert {r.label for r in runs} == {m.label for m in cfg.methods}
     assert {r.seed for r in runs} == set(cfg.seeds)
     assert cfg.reference in {m.label for m in cfg.methods}
+
+
+def test_resampled_synthetic_dataset_draws_one_data_set_per_seed(tmp_path):
+    synth = {"flavour": "table", "out": "gen", "knobs": {"n": 300}, "resample": True}
+    path = write_config(
+        tmp_path, base=None, sweep=None, datasets=[{"label": "synth", "synth": synth}]
+    )
+    cfg, out_dir = bm.load_benchmark(path)
+    bm.prepare_data(cfg, echo=lambda _: None)
+    gen = tmp_path / "gen"
+    metas = [gen / f"seed{s}" / "synth_meta.json" for s in (0, 1)]
+    assert [json.loads(m.read_text())["knobs"]["seed"] for m in metas] == [0, 1]
+    tables = [(gen / f"seed{s}" / "table.csv").read_text() for s in (0, 1)]
+    assert tables[0] != tables[1]  # two draws, not one copied
+    assert not (gen / "synth_meta.json").exists()
+    bm.write_manifest(cfg, out_dir)
+    for run in bm.plan(cfg, out_dir):  # each run reads the draw of its own seed
+        own = (gen / f"seed{run.seed}" / "table.csv").resolve()
+        assert run.overrides["data.path"] == str(own)
+        assert parse_overrides(run.command()[5:])["data"]["path"] == str(own)
+    erm = yaml.safe_load((out_dir / "configs/synth/erm.yaml").read_text())
+    assert erm["data"]["path"] == str((gen / "seed0" / "table.csv").resolve())
+    # the reference lines: the mean over the draws, key by key
+    best = bt.mean_synth_meta(metas, "race")
+    each = [bt.read_synth_meta(m, "race") for m in metas]
+    assert each[0] != each[1]
+    for name, row in best.items():
+        for key, value in row.items():
+            assert value == pytest.approx((each[0][name][key] + each[1][name][key]) / 2)
+    assert bt.mean_synth_meta([tmp_path / "absent.json"], "race") is None
+    # the generator's seed is the run's: a fixed one alongside is a contradiction
+    bad = {**synth, "knobs": {"n": 300, "seed": 4}}
+    with pytest.raises(UserError, match=r"remove `knobs\.seed`"):
+        bm.load_benchmark(
+            write_config(tmp_path, base=None, sweep=None, datasets=[{"label": "s", "synth": bad}])
+        )

@@ -67,12 +67,39 @@ class _Strict(BaseModel):
 
 
 class SynthData(_Strict):
-    """Generate a synthetic dataset (`multifair.data.synthetic`) before the runs, if missing."""
+    """Generate a synthetic dataset (`multifair.data.synthetic`) before the runs, if missing.
+
+    `resample: true` draws a new data set for every training seed: the runs of seed s read the
+    data generated with the generator's seed s, in `<out>/seed<s>`. Every method still sees the
+    same draw at a given seed (the paired differences stay paired), and the spread over seeds
+    then includes the data's sampling, not only the training's. Without it every run reads
+    one draw (`knobs.seed`, default 0).
+    """
 
     flavour: Literal["fairvision", "fairvlmed", "table"]
     scenario: Literal["main", "neutral", "minority_pattern"] = "main"
     out: str  # where the generator writes; relative to the benchmark config's folder
     knobs: dict[str, Any] = Field(default_factory=dict)  # other SynthKnobs (seed, n, size, ...)
+    resample: bool = False
+
+    @model_validator(mode="after")
+    def _one_seed_source(self) -> SynthData:
+        if self.resample and "seed" in self.knobs:
+            raise ValueError(
+                "`resample: true` draws one data set per training seed (the generator's seed "
+                "is the run's); remove `knobs.seed`"
+            )
+        return self
+
+    def folder(self, seed: int) -> Path:
+        """Where the data of the runs with training seed `seed` live."""
+        return Path(self.out) / f"seed{seed}" if self.resample else Path(self.out)
+
+    def draws(self, seeds: Sequence[int]) -> dict[Path, int | None]:
+        """Each data folder to generate -> the generator seed (None: the knobs' own)."""
+        if not self.resample:
+            return {Path(self.out): None}
+        return {self.folder(s): s for s in seeds}
 
 
 class DatasetEntry(_Strict):
@@ -92,10 +119,13 @@ class DatasetEntry(_Strict):
     # defaults to `<synth.out>/synth_meta.json` when `synth` is given.
     synth_meta: str | None = None
 
-    def meta_path(self) -> Path | None:
+    def meta_paths(self, seeds: Sequence[int]) -> list[Path]:
+        """The synth_meta.json files of the reference lines (one per draw with `resample`)."""
         if self.synth_meta is not None:
-            return Path(self.synth_meta)
-        return Path(self.synth.out) / "synth_meta.json" if self.synth is not None else None
+            return [Path(self.synth_meta)]
+        if self.synth is None:
+            return []
+        return [folder / "synth_meta.json" for folder in self.synth.draws(seeds)]
 
 
 class MethodEntry(_Strict):
@@ -297,7 +327,7 @@ def plan(cfg: BenchmarkConfig, out_dir: Path) -> list[RunSpec]:
                             / safe_name(attribute)
                             / folder
                         ) / f"seed{seed}"
-                        overrides: dict[str, Any] = {}
+                        overrides: dict[str, Any] = data_override(dataset, seed)
                         if key is not None:
                             overrides[key] = value
                         overrides[ATTRIBUTE_KEY] = attribute
@@ -324,8 +354,11 @@ def entry_config_path(out_dir: Path, dataset: DatasetEntry, entry: MethodEntry) 
     return out_dir / "configs" / safe_name(dataset.label) / f"{safe_name(entry.label)}.yaml"
 
 
-def dataset_section(base_data: Mapping[str, Any], dataset: DatasetEntry) -> dict[str, Any]:
-    """The `data` section for one dataset (see `DatasetEntry`)."""
+def dataset_section(
+    base_data: Mapping[str, Any], dataset: DatasetEntry, seed: int = 0
+) -> dict[str, Any]:
+    """The `data` section for one dataset (see `DatasetEntry`); with `synth.resample`, the
+    draw of training seed `seed` (each run then points at its own draw: `data_override`)."""
     if dataset.data_config is not None:
         loaded = load_yaml(dataset.data_config)
         if not isinstance(loaded.get("data"), Mapping):
@@ -335,13 +368,23 @@ def dataset_section(base_data: Mapping[str, Any], dataset: DatasetEntry) -> dict
     if synth is None:
         return dict(base_data)
     if synth.flavour == "table":
-        path = Path(synth.out) / "table.yaml"
+        path = synth.folder(seed) / "table.yaml"
         loaded = load_yaml(path)
         if not isinstance(loaded.get("data"), Mapping):
             raise UserError(f"{path}: needs a `data:` section (written by the generator)")
         return dict(loaded["data"])
     keep = dict(base_data) if base_data.get("kind") == synth.flavour else {}
-    return {**keep, "kind": synth.flavour, "root": synth.out}
+    return {**keep, "kind": synth.flavour, "root": str(synth.folder(seed))}
+
+
+def data_override(dataset: DatasetEntry, seed: int) -> dict[str, Any]:
+    """The per-run data override of a resampled synthetic dataset: the draw of `seed`."""
+    synth = dataset.synth
+    if synth is None or not synth.resample:
+        return {}
+    if synth.flavour == "table":  # the generator's table.yaml names its CSV by absolute path
+        return {"data.path": str((synth.folder(seed) / "table.csv").resolve())}
+    return {"data.root": str(synth.folder(seed))}
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -367,7 +410,7 @@ def entry_config(cfg: BenchmarkConfig, dataset: DatasetEntry, entry: MethodEntry
     """
     data = load_yaml(cfg.base) if cfg.base else {}
     base_data = data.get("data") if isinstance(data.get("data"), Mapping) else {}
-    data["data"] = dataset_section(base_data, dataset)
+    data["data"] = dataset_section(base_data, dataset, cfg.seeds[0])
     data = deep_merge(data, _nest(cfg.overrides))
     data = deep_merge(data, _nest(dataset.overrides))
     method = data.get("method") if isinstance(data.get("method"), Mapping) else {}
@@ -544,17 +587,21 @@ def prepare_data(cfg: BenchmarkConfig, echo: Callable[[str], None] = print) -> N
     """
     for dataset in cfg.datasets:
         synth = dataset.synth
-        if synth is None or (Path(synth.out) / "synth_meta.json").is_file():
+        if synth is None:
             continue
-        from multifair.data.synthetic import SynthKnobs, generate
+        for folder, seed in synth.draws(cfg.seeds).items():
+            if (folder / "synth_meta.json").is_file():
+                continue
+            from multifair.data.synthetic import SynthKnobs, generate
 
-        knobs = validate(
-            SynthKnobs,
-            {**synth.knobs, "flavour": synth.flavour, "scenario": synth.scenario},
-            source=f"datasets.{dataset.label}.synth",
-        )
-        echo(f"generating {synth.flavour} data ({synth.scenario}) in {synth.out}")
-        generate(knobs, synth.out, progress=False)
+            seed_knob = {} if seed is None else {"seed": seed}
+            knobs = validate(
+                SynthKnobs,
+                {**synth.knobs, **seed_knob, "flavour": synth.flavour, "scenario": synth.scenario},
+                source=f"datasets.{dataset.label}.synth",
+            )
+            echo(f"generating {synth.flavour} data ({synth.scenario}) in {folder}")
+            generate(knobs, folder, progress=False)
 
 
 def write_manifest(cfg: BenchmarkConfig, out_dir: Path) -> None:

@@ -207,6 +207,18 @@ def read_synth_meta(path: Path, attribute: str) -> dict[str, dict[str, float]] |
     return rows
 
 
+def mean_synth_meta(paths: Sequence[Path], attribute: str) -> dict[str, dict[str, float]] | None:
+    """`read_synth_meta` averaged over several draws (a resampled synthetic dataset: one file
+    per seed); the files not written (yet) are left out. None when none has reference rows."""
+    found = [m for m in (read_synth_meta(p, attribute) for p in paths) if m is not None]
+    if not found:
+        return None
+    return {
+        name: {key: float(np.mean([m[name][key] for m in found])) for key in row}
+        for name, row in found[0].items()
+    }
+
+
 def _pooled_ci(records: Sequence[RunRecord], attribute: str, n_boot: int) -> dict[str, list[float]]:
     """Bootstrap CIs of the seeds' test predictions pooled into one sample (metrics package)."""
     if n_boot <= 0:
@@ -247,7 +259,7 @@ def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[T
     n_boot = cfg.n_boot if n_boot is None else n_boot
     tables = []
     for dataset in cfg.datasets:
-        meta_path = dataset.meta_path()
+        meta_paths = dataset.meta_paths(cfg.seeds)
         for attribute in cfg.attributes:
             records = [
                 r
@@ -280,7 +292,7 @@ def build_tables(collection: Collection, *, n_boot: int | None = None) -> list[T
                             {s: v[metric] for s, v in reference.per_seed.items()},
                         )
                         comparisons += 1
-            best = read_synth_meta(meta_path, attribute) if meta_path else None
+            best = mean_synth_meta(meta_paths, attribute)
             tables.append(
                 Table(
                     dataset=dataset.label,
