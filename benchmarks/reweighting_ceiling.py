@@ -87,7 +87,13 @@ def main() -> None:
     ap.add_argument("--table", type=int, default=0, help="which table of the file (default 0)")
     args = ap.parse_args()
 
-    table = json.loads(args.results.read_text())["tables"][args.table]
+    try:
+        tables = json.loads(args.results.read_text())["tables"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"{args.results}: not a benchmark results.json ({exc!r})") from None
+    if not 0 <= args.table < len(tables):
+        raise SystemExit(f"--table {args.table}: {args.results} has {len(tables)} table(s)")
+    table = tables[args.table]
     groups, rows = table["groups"], {r["label"]: r for r in table["rows"]}
     missing = [u for u in args.unimodal if u not in rows]
     if missing:
@@ -95,6 +101,8 @@ def main() -> None:
     if len(args.mix) != len(groups):
         raise SystemExit(f"--mix needs {len(groups)} shares ({', '.join(groups)})")
     d = np.stack([effective_dprime(rows[u], groups) for u in args.unimodal])
+    if not np.isfinite(d).all():
+        raise SystemExit(f"{args.unimodal}: a group AUC is missing (NaN) in these rows")
     print(f"effective d' per group ({', '.join(groups)}), from the unimodal rows' test AUCs:")
     for u, dm in zip(args.unimodal, d):
         print(f"  {u}: " + ", ".join(f"{x:.2f}" for x in dm))

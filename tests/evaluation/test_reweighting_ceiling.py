@@ -66,3 +66,13 @@ def test_cli_prints_the_curve_and_names_a_missing_row(tmp_path):
     assert "| 4 |" in out.stdout and "| erm | 0.800 | 0.700 |" in out.stdout
     bad = subprocess.run([*cmd, "--unimodal", "c only"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no row ['c only']" in bad.stderr
+    missing = subprocess.run(
+        [*cmd[:2], str(tmp_path / "nope.json"), "--unimodal", "a only"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "not a benchmark results.json" in missing.stderr
+    table["rows"][0]["mean"]["auc/Asian"] = float("nan")  # a group with one class
+    path.write_text(json.dumps({"tables": [table]}))
+    nan = subprocess.run([*cmd, "--unimodal", "a only", "b only"], capture_output=True, text=True)
+    assert nan.returncode != 0 and "a group AUC is missing" in nan.stderr
