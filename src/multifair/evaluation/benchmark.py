@@ -355,7 +355,7 @@ def entry_config_path(out_dir: Path, dataset: DatasetEntry, entry: MethodEntry) 
 
 
 def dataset_section(
-    base_data: Mapping[str, Any], dataset: DatasetEntry, seed: int = 0
+    base_data: Mapping[str, Any], dataset: DatasetEntry, seed: int
 ) -> dict[str, Any]:
     """The `data` section for one dataset (see `DatasetEntry`); with `synth.resample`, the
     draw of training seed `seed` (each run then points at its own draw: `data_override`)."""
