@@ -46,6 +46,7 @@ def test_layers_resolve_in_order(tmp_path):
         ("data.image_size=big", r"data\.image_size: .*'big'"),
         ("output.colour=1", r"output\.colour: unknown key"),
         ("train.select_by=f1", r"train\.select_by: .*'f1'"),
+        ("train.select_from=10", r"select_from \(10\) must be below epochs"),
     ],
 )
 def test_bad_keys_and_types_name_the_key(tmp_path, override, message):

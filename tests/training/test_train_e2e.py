@@ -148,3 +148,15 @@ def test_resume_needs_no_config_and_refuses_one(tmp_path, capsys):
     assert "give only key=value overrides" in capsys.readouterr().err
     assert main(["train"]) == 2
     assert "give a CONFIG file" in capsys.readouterr().err
+
+
+def test_select_from_keeps_the_burn_in_epochs_out_of_the_selection(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", DIABETES, *TINY, "train.select_from=2", "--out", str(run)]
+    assert main(args) == 0
+    epochs = [r for r in read_log(run / "log.jsonl") if r["kind"] == "epoch"]
+    assert [r["selected"] for r in epochs] == [False, False, True]  # only epoch 2 may win
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["selected_epoch"] == 2 and metrics["select_from"] == 2
+    # the selected checkpoint is epoch 2's: its validation AUC is the one reported
+    assert metrics["val"]["overall"]["auc"] == pytest.approx(epochs[2]["val"]["auc"])

@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from multifair import config as _config
 from multifair.errors import UserError
@@ -50,6 +50,10 @@ class TrainConfig(BaseModel):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     select_by: Literal["auc", "es_auc"] = "auc"  # validation metric that picks the checkpoint
+    # a burn-in for that choice: epochs before this one (0-based) are validated and logged but
+    # never selected, so a noisy early peak cannot win before slower parts of the model (a
+    # weak encoder, a method that acts from its first validation on) have trained
+    select_from: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
     progress: bool = True  # tqdm bars (rank 0 only)
@@ -58,6 +62,15 @@ class TrainConfig(BaseModel):
     # stop (with a full checkpoint) once this many epochs are complete; `--resume` continues.
     # For interrupting a run on purpose (tests, time-limited jobs).
     stop_after_epoch: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _selectable(self) -> TrainConfig:
+        if self.select_from >= self.epochs:
+            raise ValueError(
+                f"select_from ({self.select_from}) must be below epochs ({self.epochs}): "
+                "no epoch could be selected"
+            )
+        return self
 
 
 class OutputConfig(BaseModel):

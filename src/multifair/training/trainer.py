@@ -544,18 +544,20 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             epoch_stats.update(method.on_validation(val_preds, val_groups) or {})
             metric = _selection_metric(val, attribute, tc.select_by)
             schedule.epoch_end(metric)
+            # NaN never wins: a degenerate epoch cannot be selected; nor one in the burn-in
+            better = epoch >= tc.select_from and metric > best["metric"]
             record = {
                 "kind": "epoch",
                 "epoch": epoch,
                 "step": step,
                 "train_loss": float(loss_sum) / steps_per_epoch,
                 "val": val_record(val, attribute, val_preds, modalities),
-                "selected": metric > best["metric"],
+                "selected": better,
                 # what the method's epoch hooks reported (prototypes, windows, ...)
                 **({"method": _plain(epoch_stats)} if epoch_stats else {}),
                 "seconds": seconds,
             }
-            if metric > best["metric"]:  # NaN never wins: a degenerate epoch cannot be selected
+            if better:
                 best = {"metric": metric, "epoch": epoch}
                 if env.is_main:
                     checkpoint.save_atomic(
@@ -648,6 +650,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             "method": cfg.method.name,
             "variant": getattr(cfg.method, "variant", None) or cfg.method.name,
             "select_by": tc.select_by,
+            "select_from": tc.select_from,
             "selected_epoch": best["epoch"],
             "attribute": attribute,
             "val": summaries["val"],
