@@ -544,3 +544,9 @@ def test_resampled_synthetic_dataset_draws_one_data_set_per_seed(tmp_path):
         bm.load_benchmark(
             write_config(tmp_path, base=None, sweep=None, datasets=[{"label": "s", "synth": bad}])
         )
+
+
+def test_selection_cell_names_a_burn_in():
+    assert bt.selection_label({"select_by": "es_auc", "select_from": 4}) == "es_auc from epoch 4"
+    assert bt.selection_label({"select_by": "auc", "select_from": 0}) == "auc"
+    assert bt.selection_label({}) == "auc"  # metrics.json of runs before these keys existed

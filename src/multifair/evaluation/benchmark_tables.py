@@ -207,6 +207,13 @@ def read_synth_meta(path: Path, attribute: str) -> dict[str, dict[str, float]] |
     return rows
 
 
+def selection_label(metrics: Mapping[str, Any]) -> str:
+    """The `sel.` cell: the validation metric, and the burn-in when there is one."""
+    label = str(metrics.get("select_by") or "auc")
+    start = int(metrics.get("select_from") or 0)
+    return f"{label} from epoch {start}" if start else label
+
+
 def mean_synth_meta(paths: Sequence[Path], attribute: str) -> dict[str, dict[str, float]] | None:
     """`read_synth_meta` averaged over several draws (a resampled synthetic dataset: one file
     per seed); the files not written (yet) are left out. None when none has reference rows."""
@@ -340,7 +347,7 @@ def _row(variant: str, records: Sequence[RunRecord], attribute: str, n_boot: int
         mean=mean,
         std=std,
         ci=_pooled_ci(records, attribute, n_boot),
-        select_by=str(first.metrics.get("select_by") or "auc"),
+        select_by=selection_label(first.metrics),
         uses_attribute_at_test=any(r.metrics.get("uses_attribute_at_test") for r in records),
         reference_only=first.run.method.startswith("unimodal"),
         memory_kind=str(first.metrics.get("peak_memory_kind") or ""),

@@ -497,7 +497,7 @@ def render_run_report(run_dir: str | Path) -> str:
         ("method", metrics.get("method")),
         ("variant", metrics.get("variant")),
         ("attribute", attribute),
-        ("selected by", metrics.get("select_by")),
+        ("selected by", bt.selection_label(metrics)),
         ("selected epoch", metrics.get("selected_epoch")),
         ("tau", tau),
         ("time per step (s)", _f(metrics.get("time_per_step_s"), 4)),
