@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         if args.pool:
             collections = [bm.collect(d) for d in [path, *args.pool]]
             merged = bm.merge_collections(collections, seeds=args.seeds, reference=args.reference)
-            return _summarise(merged, args)
+            return _summarise(merged, args, pooled=[c.config.name for c in collections[1:]])
         return _summarise(bm.collect(path, seeds=args.seeds, reference=args.reference), args)
     if args.seeds is not None or args.reference is not None or args.pool:
         raise UserError("--seeds, --reference and --with go with `collect DIR`, not with a run")
@@ -125,15 +125,18 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else status
 
 
-def _summarise(collection: bm.Collection, args: argparse.Namespace) -> int:
-    """Print the tables, write results/ and the report; say what is missing or failed."""
+def _summarise(
+    collection: bm.Collection, args: argparse.Namespace, pooled: list[str] | None = None
+) -> int:
+    """Print the tables, write results/ and the report; say what is missing or failed.
+    `pooled`: the names of the benchmarks pooled in with `--with` (they name the folder)."""
     from multifair.evaluation.report import write_report
 
     tables = bt.build_tables(collection, n_boot=args.n_boot)
     bt.print_tables(tables)
     parts = []
-    if getattr(args, "pool", None):
-        parts.append("with_" + "_".join(bm.safe_name(bm.load_manifest(d).name) for d in args.pool))
+    if pooled:
+        parts.append("with_" + "_".join(bm.safe_name(name) for name in pooled))
     if args.seeds:
         parts.append(f"seeds_{args.seeds.replace(',', '_')}")
     if args.reference:
