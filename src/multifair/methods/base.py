@@ -93,9 +93,12 @@ class Method(nn.Module):
     """Plain joint training (ERM) behaviour; subclasses override the hooks they need."""
 
     Params: ClassVar[type[MethodParams]] = MethodParams
-    # FIN-style methods that need the sensitive attribute at inference set this, and every
-    # table they appear in says so.
-    uses_attribute_at_test: ClassVar[bool] = False
+    # FIN-style methods that need the sensitive attribute at inference set this (on the class,
+    # or on the instance when an option decides it), and every table they appear in says so.
+    uses_attribute_at_test: bool = False
+    # Methods that fit something on the selected checkpoint's validation predictions
+    # (`on_selected`) set this; the trainer then re-saves checkpoints/best.pt with the fit.
+    fits_after_selection: bool = False
     # Methods that read per-modality step-size factors need one optimizer group per encoder
     # (the trainer always builds them; this flag only documents the intent).
     acts_on_step_size: ClassVar[bool] = False
@@ -157,6 +160,12 @@ class Method(nn.Module):
         Predictions` of the whole validation split - labels, fused and auxiliary scores -
         identical on every rank) and each sample's code of the training attribute (-1 unknown).
         Returns stats for the epoch record."""
+        return {}
+
+    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+        """Called once after training when `fits_after_selection`: the selected checkpoint is
+        loaded and `preds` are its validation predictions (with `groups`, as in
+        `on_validation`). Fit post-hoc state here; returns stats for metrics.json."""
         return {}
 
 

@@ -20,7 +20,7 @@ says so). The evaluation must therefore call `method.forward(model, batch)` with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -63,7 +63,7 @@ class FIN(Method):
 
     Params = FINParams
     params: FINParams
-    uses_attribute_at_test: ClassVar[bool] = True
+    uses_attribute_at_test = True
 
     def __init__(self, params: FINParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)

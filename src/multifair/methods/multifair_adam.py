@@ -76,6 +76,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from multifair.errors import UserError
 from multifair.methods.base import (
     METHODS,
     LossOutput,
@@ -85,6 +86,7 @@ from multifair.methods.base import (
     StepContext,
 )
 from multifair.methods.estimators import require_model, unimodal_logits
+from multifair.methods.group_fusion import GroupStacking, fit_group_stacking, logit
 from multifair.methods.signals import (
     binary_auc,
     gather_batch,
@@ -92,6 +94,7 @@ from multifair.methods.signals import (
     group_weighted_ce,
     pairwise_surrogate_auc,
     surrogate_scores,
+    unwrap_model,
 )
 
 # Preset -> (temperature T, gap_weight). "fair" adds the fused gap loss at weight 1 (weight 3
@@ -140,6 +143,10 @@ class MultiFairAdamParams(MethodParams):
     group_temperature: float = Field(0.1, gt=0)  # T_g: a gap of T_g multiplies a weight by e
     group_momentum: float = Field(0.5, ge=0, lt=1)  # smoothing of the gaps over epochs
     group_z: float = Field(1.0, ge=0)  # gaps count only beyond this many standard errors
+    # "stacking": after selection, fit per-group weights on the fused and modality margins on
+    # the validation split (`methods.group_fusion`). Uses the sensitive attribute AT TEST TIME.
+    group_fusion: Literal["off", "stacking"] = "off"
+    stacking_prior: float = Field(1.0, gt=0)  # pull of each group's fit towards the shared one
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -240,6 +247,38 @@ class MultiFairAdam(Method):
         self.register_buffer("group_gap", torch.zeros(n_groups))
         self.register_buffer("group_weight", torch.ones(n_groups))
         self.register_buffer("group_measured", torch.zeros(n_groups, dtype=torch.bool))
+        # group_fusion: stacking - created in setup, fitted by on_selected; the prediction then
+        # depends on the group the sample is said to belong to
+        self.group_stack: GroupStacking | None = None
+        self.uses_attribute_at_test = params.group_fusion != "off"
+        self.fits_after_selection = params.group_fusion == "stacking"
+
+    def setup(self, model: nn.Module) -> None:
+        if self.params.group_fusion == "stacking":
+            model = unwrap_model(model)
+            if model.n_classes != 2:
+                raise UserError(
+                    f"multifair_adam group_fusion: stacking needs binary labels "
+                    f"(the model has {model.n_classes} classes)"
+                )
+            if self.n_groups < 1:
+                raise UserError(
+                    "multifair_adam group_fusion: stacking needs a sensitive attribute "
+                    "(data.attributes / train.attribute): it fits one recombination per group"
+                )
+            device = next(model.parameters()).device
+            self.group_stack = GroupStacking(self.n_groups, model.modalities).to(device)
+
+    def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
+        out = model(batch)
+        if self.params.group_fusion == "off" or self.training:
+            return out  # training fits the shared model; the stacking is post hoc
+        if self.group_stack is None:
+            raise RuntimeError(
+                "multifair_adam group_fusion: call method.setup(model) first (the trainer does)"
+            )
+        out.logits = self.group_stack(out.logits, out.aux_logits, batch["group"])
+        return out
 
     # State added after the first release of this method: a checkpoint written before it lacks
     # these buffers, and they load as their initial values ("no validation seen yet").
@@ -336,6 +375,29 @@ class MultiFairAdam(Method):
         if self.params.group_weights == "validation":
             stats.update(self._update_group_weights(preds, groups))
         return stats
+
+    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+        """`group_fusion: stacking`: fit each group's recombination of the fused and modality
+        margins on the selected checkpoint's validation predictions (made before any fit:
+        the stacking is the identity until now)."""
+        if self.group_stack is None:
+            return {}
+        if groups is None:
+            raise ValueError("group_fusion: stacking needs the validation split's groups")
+        x = np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in self.modalities])
+        weight, bias, fitted = fit_group_stacking(
+            x.T, preds.label, np.asarray(groups), self.n_groups, self.params.stacking_prior
+        )
+        stack = self.group_stack
+        stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
+        stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
+        columns = ["fused", *self.modalities, "bias"]
+        return {
+            f"stacking/{g}": (
+                dict(zip(columns, [*map(float, weight[g]), float(bias[g])])) if fitted[g] else None
+            )
+            for g in range(self.n_groups)
+        }
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the

@@ -623,6 +623,15 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
         selected = checkpoint.load(ckpt_dir / "best.pt")
         checkpoint.load_model(model, selected, ckpt_dir / "best.pt")
         method.load_state_dict(selected["method"])
+        posthoc: dict[str, Any] = {}
+        if method.fits_after_selection:
+            val_preds = predict(
+                model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
+            )
+            posthoc = method.on_selected(val_preds, val_preds.attributes.get(attribute)) or {}
+            if env.is_main:  # the checkpoint carries the fit: `multifair predict` reproduces it
+                selected["method"] = method.state_dict()
+                checkpoint.save_atomic(selected, ckpt_dir / "best.pt")
         summaries: dict[str, Any] = {}
         aux_auc: dict[str, dict[str, float]] = {}
         for split in dict.fromkeys(["val", "test", *cfg.output.predictions]):
@@ -659,7 +668,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             "aux_auc": aux_auc,
             "time_per_step_s": timing["seconds"] / max(1, timing["steps"]),
             **_peak_memory(device),
-            "uses_attribute_at_test": bool(method_cls.uses_attribute_at_test),
+            "uses_attribute_at_test": bool(method.uses_attribute_at_test),
+            **({"posthoc": posthoc} if posthoc else {}),
             "tau": getattr(cfg.method, "tau", None),
             "world_size": env.world_size,
             # sha256 of each rank's final model state (identical on every rank)
