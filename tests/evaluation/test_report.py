@@ -143,3 +143,31 @@ def test_run_report_plots_group_weights_per_epoch_with_group_names(
     assert len(training_figures(parsed, None)) == len(training_figures(plain, None)) + 1
     html = write_report(run_dir).read_text()
     assert len(assert_self_contained(html)) == len(training_figures(parsed, None)) + 1  # + ROC
+
+
+def test_run_report_shows_the_group_stacking_fit_with_group_names(tmp_path, make_run_dir, make_log):
+    """`group_fusion: stacking` stores its fit under metrics.json `posthoc`: the report shows
+    one row per group, named, and says a group kept the shared model."""
+    import json
+
+    run_dir = tmp_path / "run"
+    make_run_dir(run_dir, log=make_log())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["uses_attribute_at_test"] = True
+    metrics["posthoc"] = {
+        "stacking/0": {"fused": 0.55, "A": -0.23, "B": 0.41, "bias": 0.16},
+        "stacking/1": None,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    names = {
+        g["code"]: g["name"] for g in metrics["test"]["attributes"][metrics["attribute"]]["groups"]
+    }
+    html = write_report(run_dir).read_text()
+    assert "Group-aware stacking" in html and "sensitive attribute at test time" in html
+    assert (
+        f"<td>{names[0]}</td><td>+0.550</td><td>-0.230</td><td>+0.410</td><td>+0.160</td>" in html
+    )
+    assert f"<td>{names[1]}</td><td>shared model</td>" in html
+    del metrics["posthoc"]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    assert "Group-aware stacking" not in write_report(run_dir).read_text()

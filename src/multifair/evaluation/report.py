@@ -241,6 +241,25 @@ def _group_names(metrics: Mapping[str, Any], attribute: str | None) -> dict[str,
     return {str(g.get("code")): str(g.get("name")) for g in attrs.get("groups") or []}
 
 
+def stacking_rows(
+    metrics: Mapping[str, Any], names: Mapping[str, str]
+) -> tuple[list[str], list[list[Any]]] | None:
+    """The `group_fusion: stacking` fit of a run (metrics.json `posthoc`) as table rows."""
+    fits = {
+        k.split("/", 1)[1]: v
+        for k, v in (metrics.get("posthoc") or {}).items()
+        if k.startswith("stacking/")
+    }
+    if not fits:
+        return None
+    columns = next((list(v) for v in fits.values() if v), ["fused", "bias"])
+    rows = []
+    for code, fit in fits.items():
+        cells = [f"{fit[c]:+.3f}" for c in columns] if fit else ["shared model"] * len(columns)
+        rows.append([names.get(code, code), *cells])
+    return ["group", *columns], rows
+
+
 def _moving(y: np.ndarray) -> np.ndarray:
     width = max(1, y.size // 20)
     kernel = np.ones(width)
@@ -506,6 +525,16 @@ def render_run_report(run_dir: str | Path) -> str:
     body.append(_table(["", ""], [[k, "-" if v is None else v] for k, v in fields]))
     if metrics.get("uses_attribute_at_test"):
         body.append('<p class="note">This method uses the sensitive attribute at test time.</p>')
+    stacking = stacking_rows(metrics, _group_names(metrics, attribute))
+    if stacking:
+        header, rows = stacking
+        body.append(
+            "<h2>Group-aware stacking (fitted on validation after selection)</h2>"
+            + _table(header, rows)
+            + '<p class="note">Each group\'s prediction is the weighted sum of the fused margin '
+            "and each modality head's margin plus the intercept; the shared model is fused 1, "
+            "modalities 0, intercept 0 (kept for a group too small to fit).</p>"
+        )
     if "test" in metrics:
         body.append("<h2>Test metrics</h2>" + _summary_tables(metrics["test"]))
     if "val" in metrics:
