@@ -75,3 +75,33 @@ def test_two_process_torchrun_gloo(tmp_path):
     assert main(["evaluate", str(run), "--n-boot", "0", "--device", "cpu", "--json", str(out)]) == 0
     single = json.loads(out.read_text())
     assert single["overall"]["auc"] == pytest.approx(metrics["test"]["overall"]["auc"], abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_two_process_group_stacking_fits_the_same_on_both_ranks(tmp_path):
+    """`group_fusion: stacking` fits after selection on the gathered validation predictions:
+    both ranks must fit the same weights, so the test scores predicted half by each rank
+    equal a single process's predictions from the checkpoint (which carries the fit)."""
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"),
+        "method.name=multifair_adam", "method.group_fusion=stacking",
+        "train.epochs=2", "train.batch_size=32", "train.progress=false",
+        "train.device=cpu", "train.threads=1", "model.dim=16", "output.n_boot=0",
+        "output.predictions=[test]", "--out", str(run),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["uses_attribute_at_test"] is True
+    assert all(v is not None for v in metrics["posthoc"].values())
+    frame = pd.read_csv(run / "predictions_test.csv").set_index("sample_id")
+    out = tmp_path / "single.csv"
+    args = ["predict", str(run), str(CONFIGS / "diabetes.yaml"), "--split", "test"]
+    assert main([*args, "--device", "cpu", "--out", str(out)]) == 0
+    single = pd.read_csv(out).set_index("sample_id")
+    assert single.loc[frame.index, "score"].to_numpy() == pytest.approx(
+        frame["score"].to_numpy(), abs=1e-6
+    )
