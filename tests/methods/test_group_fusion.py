@@ -149,3 +149,35 @@ def test_stacking_without_groups_or_with_more_classes_is_a_user_error():
     model.n_classes = 3
     with pytest.raises(UserError, match="binary"):
         method.setup(model)
+
+
+class _Preds:
+    def __init__(self, label, score, aux):
+        self.label, self.score, self.aux_scores = label, score, aux
+
+
+def _val_preds(n=400, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    groups = rng.integers(0, 2, n)
+    a = rng.normal(size=n) + (2 * y - 1) * np.where(groups == 0, 1.0, 0.1)
+    b = rng.normal(size=n) + (2 * y - 1) * 0.8
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    return _Preds(y, sig(a + b), {"a": sig(a), "b": sig(b)}), groups
+
+
+def test_on_selected_fits_once_and_a_state_without_the_fitted_flag_still_loads():
+    method, _ = _method("stacking", n_groups=2)
+    preds, groups = _val_preds()
+    first = method.on_selected(preds, groups)
+    assert all(first[f"stacking/{g}"] is not None for g in range(2))
+    assert first["stacking/1"]["a"] < first["stacking/0"]["a"]  # a is weak for group 1
+    # a second call (a resumed run: preds already stacked) keeps the fit
+    other, _ = _val_preds(seed=1)
+    assert method.on_selected(other, groups) == first
+    state = method.state_dict()
+    del state["group_stack.fitted"]  # a checkpoint written before the buffer existed
+    fresh, _ = _method("stacking", n_groups=2)
+    fresh.load_state_dict(state)
+    assert fresh.group_stack.fitted.tolist() == [True, True]
+    assert fresh.on_selected(other, groups) == first

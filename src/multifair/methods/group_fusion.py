@@ -103,6 +103,8 @@ class GroupStacking(nn.Module):
         weight[:, 0] = 1.0
         self.register_buffer("weight", weight)  # (G, 1 + M)
         self.register_buffer("bias", torch.zeros(n_groups))  # (G,)
+        # which groups have their own fit (the others, and unknown codes, keep the shared model)
+        self.register_buffer("fitted", torch.zeros(n_groups, dtype=torch.bool))
 
     def forward(self, logits: Tensor, aux_logits: Mapping[str, Tensor], groups: Tensor) -> Tensor:
         margins = [logits[:, 1] - logits[:, 0]]  # (B,) each

@@ -293,6 +293,14 @@ class MultiFairAdam(Method):
         for name in self._LATER_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         state_dict.pop(prefix + "group_seen", None)  # written by a development version
+        weight = state_dict.get(prefix + "group_stack.weight")
+        if weight is not None and prefix + "group_stack.fitted" not in state_dict:
+            # written before the `fitted` buffer: a group was fitted where it differs from the
+            # shared model
+            bias = state_dict[prefix + "group_stack.bias"]
+            shared = torch.zeros_like(weight)
+            shared[:, 0] = 1
+            state_dict[prefix + "group_stack.fitted"] = (weight != shared).any(1) | (bias != 0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def observe(
@@ -379,18 +387,27 @@ class MultiFairAdam(Method):
     def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
         """`group_fusion: stacking`: fit each group's recombination of the fused and modality
         margins on the selected checkpoint's validation predictions (made before any fit:
-        the stacking is the identity until now)."""
+        the stacking is the identity until now). Fits once: when the loaded state already
+        holds a fit (a run resumed after the trainer re-saved best.pt), `preds` are stacked
+        ones and the fit is kept."""
         if self.group_stack is None:
             return {}
         if groups is None:
             raise ValueError("group_fusion: stacking needs the validation split's groups")
-        x = np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in self.modalities])
-        weight, bias, fitted = fit_group_stacking(
-            x.T, preds.label, np.asarray(groups), self.n_groups, self.params.stacking_prior
-        )
         stack = self.group_stack
-        stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
-        stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
+        if not bool(stack.fitted.any()):  # once: a resumed run's best.pt already holds the fit
+            x = np.stack(
+                [logit(preds.score)] + [logit(preds.aux_scores[m]) for m in self.modalities]
+            )
+            weight, bias, fitted = fit_group_stacking(
+                x.T, preds.label, np.asarray(groups), self.n_groups, self.params.stacking_prior
+            )
+            stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
+            stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
+            stack.fitted.copy_(torch.as_tensor(fitted))
+        weight = stack.weight.detach().cpu().double().numpy()
+        bias = stack.bias.detach().cpu().double().numpy()
+        fitted = stack.fitted.detach().cpu().numpy()
         columns = ["fused", *self.modalities, "bias"]
         return {
             f"stacking/{g}": (
