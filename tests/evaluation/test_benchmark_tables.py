@@ -550,3 +550,34 @@ def test_selection_cell_names_a_burn_in():
     assert bt.selection_label({"select_by": "es_auc", "select_from": 4}) == "es_auc from epoch 4"
     assert bt.selection_label({"select_by": "auc", "select_from": 0}) == "auc"
     assert bt.selection_label({}) == "auc"  # metrics.json of runs before these keys existed
+
+
+def test_stacking_block_shows_each_groups_mean_fitted_weights(tmp_path, make_run_dir):
+    """Runs with `group_fusion: stacking` store their fit in metrics.json `posthoc`: the table
+    gets one row per (method, group) with the mean weights over the seeds that fitted it."""
+    _, out_dir = populate(tmp_path, make_run_dir)
+    for record in bm.collect(out_dir).finished:
+        if record.run.label != "fin":
+            continue
+        run_dir, seed = record.run.run_dir, record.run.seed
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        codes = {g["name"]: g["code"] for g in metrics["test"]["attributes"]["race"]["groups"]}
+        metrics["posthoc"] = {
+            f"stacking/{codes['white']}": {"fused": 1.0 + seed, "A": 0.5, "B": 0.1, "bias": 0.0},
+            f"stacking/{codes['asian']}": (
+                None if seed == 2 else {"fused": 0.5, "A": -0.2 * (seed + 1), "B": 0.4, "bias": 0.1}
+            ),
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
+    _, header, rows, notes = next(b for b in bt.table_blocks(table) if "stacking" in b[0])
+    assert header == ["method", "group", "fused", "A", "B", "bias", "fitted"]
+    by_group = {row[1]: row for row in rows}
+    assert set(by_group) == {"white", "asian"} and all(r[0] == "fin †" for r in rows)
+    assert by_group["white"][2:] == ["2.00 ± 1.00", "0.50 ± 0.00", "0.10 ± 0.00", "0.00 ± 0.00", "3/3"]  # fmt: skip
+    assert by_group["asian"][3] == "-0.30 ± 0.14" and by_group["asian"][-1] == "2/3"
+    assert "fitted on validation" in notes[0]
+    # no stacking run, no block
+    (tmp_path / "p").mkdir()
+    (plain,) = bt.build_tables(bm.collect(populate(tmp_path / "p", make_run_dir)[1]), n_boot=0)
+    assert not any("stacking" in b[0] for b in bt.table_blocks(plain))

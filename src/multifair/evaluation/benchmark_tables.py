@@ -100,6 +100,15 @@ def run_values(metrics: Mapping[str, Any], attribute: str) -> dict[str, float]:
     # each auxiliary (single-modality) head's test AUC: how much each modality was learned
     for modality, auc in ((metrics.get("aux_auc") or {}).get("test") or {}).items():
         values[f"head_auc/{modality}"] = _num(auc)
+    # group-aware stacking (`group_fusion: stacking`): each group's fitted weights, 1/0 fitted
+    names = {str(g.get("code")): str(g.get("name")) for g in block.get("groups") or []}
+    for key, fit in (metrics.get("posthoc") or {}).items():
+        if not key.startswith("stacking/"):
+            continue
+        group = names.get(key.split("/", 1)[1], key.split("/", 1)[1])
+        values[f"stacking/{group}/fitted"] = float(fit is not None)
+        for column, weight in (fit or {}).items():
+            values[f"stacking/{group}/{column}"] = _num(weight)
     return values
 
 
@@ -440,6 +449,9 @@ def table_blocks(table: Table) -> list[tuple[str, list[str], list[list[str]], li
     modality_block = _modality_block(table, ordered)
     if modality_block is not None:
         blocks.append(modality_block)
+    stacking_block = _stacking_block(ordered)
+    if stacking_block is not None:
+        blocks.append(stacking_block)
     if table.reference is not None and table.comparisons:
         diff_rows = [
             [
@@ -498,6 +510,42 @@ def _modality_block(
         f"update: the encoder's mean update norm per step relative to {table.reference or '-'}"
     ]
     return "modalities: what each encoder learned, and how fast it moved", header, rows, notes
+
+
+def _stacking_block(
+    ordered: Sequence[Row],
+) -> tuple[str, list[str], list[list[str]], list[str]] | None:
+    """Rows with group-aware stacking: each group's fitted weights, mean over the seeds that
+    fitted it (a group too small to fit keeps the shared model: fused 1, the rest 0)."""
+    rows_out, columns = [], list[str]()
+    for row in ordered:
+        groups = list(dict.fromkeys(k.split("/")[1] for k in row.mean if k.startswith("stacking/")))
+        for group in groups:
+            prefix = f"stacking/{group}/"
+            cols = [k[len(prefix) :] for k in row.mean if k.startswith(prefix)]
+            cols = [c for c in cols if c != "fitted"]
+            columns = columns or cols
+            fitted = [v.get(prefix + "fitted", 0.0) for v in row.per_seed.values()]
+            rows_out.append(
+                [
+                    _row_name(row),
+                    group,
+                    *[
+                        _fmt(row.mean.get(prefix + c, math.nan), row.std.get(prefix + c), 2)
+                        for c in columns
+                    ],
+                    f"{int(sum(fitted))}/{len(fitted)}",
+                ]
+            )
+    if not rows_out:
+        return None
+    notes = [
+        "each group's prediction: its weights on the fused margin and on each modality head's "
+        "margin, plus an intercept, fitted on validation after selection (mean ± std over the "
+        "seeds that fitted the group); the shared model is fused 1, the rest 0"
+    ]
+    header = ["method", "group", *columns, "fitted"]
+    return "group-aware stacking: the fitted weights per group", header, rows_out, notes
 
 
 def to_markdown(tables: Sequence[Table], collection: Collection | None = None) -> str:
