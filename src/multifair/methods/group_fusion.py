@@ -49,7 +49,7 @@ def fit_group_stacking(
     n_groups: int,
     prior: float,
     min_per_class: int = 5,
-    iterations: int = 50,
+    iterations: int = 100,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per group g, a logistic regression of the label on held-out margins x (N, K) - column 0
     the fused prediction's, then one per modality head - shrunk towards the shared model:
@@ -57,9 +57,12 @@ def fit_group_stacking(
         minimise  sum_{n in g} CE(y_n, theta_g . [x_n, 1])  +  prior * |theta_g - theta_0|^2
         theta_0 = (1, 0, ..., 0 | 0): the fused margin unchanged
 
-    by Newton's method (K + 1 unknowns; the penalty makes it strictly convex). A group with
-    fewer than `min_per_class` samples of either class keeps theta_0, and so does an unknown
-    code. Returns the weights (G, K), the intercepts (G,) and which groups were fitted (G,).
+    by Newton's method with a backtracking line search (K + 1 unknowns; the penalty makes it
+    strictly convex, the line search makes every step lower the objective: plain Newton steps
+    diverge on saturated margins, where p(1 - p) ~ 0 leaves the Hessian near its prior part).
+    A group with fewer than `min_per_class` samples of either class keeps theta_0, and so does
+    an unknown code. Returns the weights (G, K), the intercepts (G,) and which groups were
+    fitted (G,).
     """
     x = np.asarray(x, dtype=np.float64)
     labels, groups = np.asarray(labels), np.asarray(groups)
@@ -75,17 +78,38 @@ def fit_group_stacking(
         if min(int(y.sum()), int(len(y) - y.sum())) < min_per_class:
             continue
         design = np.concatenate([x[member], np.ones((len(y), 1))], axis=1)  # (n, K + 1)
-        theta = theta0.copy()
-        for _ in range(iterations):
-            p = 1 / (1 + np.exp(-np.clip(design @ theta, -50, 50)))
-            grad = design.T @ (p - y) + 2 * prior * (theta - theta0)
-            hess = (design * (p * (1 - p))[:, None]).T @ design + 2 * prior * np.eye(k + 1)
-            step = np.linalg.solve(hess, grad)
-            theta -= step
-            if np.abs(step).max() < 1e-10:
-                break
+        theta = _penalised_logistic(design, y, theta0, prior, iterations)
         weights[g], bias[g], fitted[g] = theta[:k], theta[k], True
     return weights, bias, fitted
+
+
+def _penalised_logistic(
+    design: np.ndarray, y: np.ndarray, theta0: np.ndarray, prior: float, iterations: int
+) -> np.ndarray:
+    """argmin_theta sum CE(y, design @ theta) + prior |theta - theta0|^2: damped Newton."""
+
+    def objective(theta: np.ndarray) -> float:
+        z = design @ theta  # CE = softplus(z) - y z, computed without overflow
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + prior * np.sum((theta - theta0) ** 2))
+
+    eye = 2 * prior * np.eye(len(theta0))
+    theta, value = theta0.copy(), objective(theta0)
+    for _ in range(iterations):
+        p = 0.5 * (1 + np.tanh(0.5 * (design @ theta)))  # sigmoid, stable
+        grad = design.T @ (p - y) + 2 * prior * (theta - theta0)
+        step = np.linalg.solve((design * (p * (1 - p))[:, None]).T @ design + eye, grad)
+        t, decrease = 1.0, float(grad @ step)  # >= 0: the Hessian is positive definite
+        while t > 1e-10:  # backtracking (Armijo): every accepted step lowers the objective
+            candidate = objective(theta - t * step)
+            if candidate <= value - 1e-4 * t * decrease:
+                break
+            t *= 0.5
+        else:
+            break  # no decrease along the Newton direction: at the optimum to precision
+        theta, value = theta - t * step, candidate
+        if np.abs(t * step).max() < 1e-10:
+            break
+    return theta
 
 
 class GroupStacking(nn.Module):
