@@ -111,7 +111,10 @@ def test_stacking_is_the_identity_in_training_and_before_the_fit():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_the_fit(tmp_path):
+@pytest.mark.parametrize("method", ["multifair_adam", "fin"])
+def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_the_fit(
+    tmp_path, method
+):
     import json
 
     from multifair.cli import main
@@ -120,7 +123,7 @@ def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_
     args = [
         "train", str(CONFIGS / "diabetes.yaml"), "train.epochs=3", "train.batch_size=64",
         "train.progress=false", "train.warmup_steps=0", "model.dim=16", "output.n_boot=0",
-        "method.name=multifair_adam", "method.group_fusion=stacking",
+        f"method.name={method}", "method.group_fusion=stacking",
         "--out", str(run),
     ]  # fmt: skip
     assert main(args) == 0

@@ -20,13 +20,15 @@ says so). The evaluation must therefore call `method.forward(model, batch)` with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from multifair.methods.base import METHODS, Method, MethodParams, ModelOutput
+from multifair.methods.group_fusion import GroupStacking, build_stacking, fit_stacking
 from multifair.methods.signals import group_masks, unwrap_model
 
 
@@ -34,6 +36,10 @@ class FINParams(MethodParams):
     beta: float = Field(0.3, ge=0, le=1)  # share of the un-normalised feature kept
     mu_std: float = Field(0.01, ge=0)  # init std of mu_g
     sigma_std: float = Field(1.0, ge=0)  # init std of sigma_g (softplus-ed)
+    # "stacking": after selection, also fit each group's recombination of the fused and
+    # modality margins on validation (methods/group_fusion.py, as in multifair_adam)
+    group_fusion: Literal["off", "stacking"] = "off"
+    stacking_prior: float = Field(1.0, gt=0)
 
 
 class FairIdentityNormalizer(nn.Module):
@@ -68,11 +74,15 @@ class FIN(Method):
     def __init__(self, params: FINParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
+        self.group_stack: GroupStacking | None = None
+        self.fits_after_selection = params.group_fusion == "stacking"
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)
         device = next(model.parameters()).device
         self.normalizer = FairIdentityNormalizer(self.n_groups, model.dim, self.params).to(device)
+        if self.params.group_fusion == "stacking":
+            self.group_stack = build_stacking(model, self.n_groups, "fin")
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
         if self.normalizer is None:
@@ -81,4 +91,11 @@ class FIN(Method):
         out = model(batch)
         z = self.normalizer(out.head_input, batch["group"])  # (B, d)
         logits = model.head_last_layer()(z)  # (B, C)
+        if self.group_stack is not None and not self.training:  # post hoc, fitted on validation
+            logits = self.group_stack(logits, out.aux_logits, batch["group"])
         return ModelOutput(logits, out.features, out.aux_logits, z)
+
+    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+        if self.group_stack is None:
+            return {}
+        return fit_stacking(self.group_stack, preds, groups, self.params.stacking_prior)

@@ -28,6 +28,7 @@ NEEDS THE SENSITIVE ATTRIBUTE AT TEST TIME, like FIN: every table marks the rows
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,3 +145,50 @@ class GroupStacking(nn.Module):
         eye = torch.zeros_like(x[0])
         eye[0] = 1.0
         return eye  # (1 + M,)
+
+
+# ---- the pieces a method needs to offer `group_fusion: stacking` ------------------------------
+def build_stacking(model: nn.Module, n_groups: int, method: str) -> GroupStacking:
+    """The (identity) stacking for a model; clear errors where it cannot apply."""
+    from multifair.errors import UserError
+
+    if model.n_classes != 2:
+        raise UserError(
+            f"{method} group_fusion: stacking needs binary labels "
+            f"(the model has {model.n_classes} classes)"
+        )
+    if n_groups < 1:
+        raise UserError(
+            f"{method} group_fusion: stacking needs a sensitive attribute "
+            "(data.attributes / train.attribute): it fits one recombination per group"
+        )
+    device = next(model.parameters()).device
+    return GroupStacking(n_groups, model.modalities).to(device)
+
+
+def fit_stacking(
+    stack: GroupStacking, preds: Any, groups: np.ndarray | None, prior: float
+) -> dict[str, Any]:
+    """Fit `stack` on the selected checkpoint's validation predictions (once: a state that
+    already holds a fit - a resumed run's best.pt - keeps it; its predictions are stacked
+    ones). Returns the fit per group for metrics.json (`None`: kept at the shared model)."""
+    if groups is None:
+        raise ValueError("group_fusion: stacking needs the validation split's groups")
+    if not bool(stack.fitted.any()):
+        x = np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in stack.modalities])
+        weight, bias, fitted = fit_group_stacking(
+            x.T, preds.label, np.asarray(groups), stack.weight.shape[0], prior
+        )
+        stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
+        stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
+        stack.fitted.copy_(torch.as_tensor(fitted))
+    weight = stack.weight.detach().cpu().double().numpy()
+    bias = stack.bias.detach().cpu().double().numpy()
+    fitted = stack.fitted.detach().cpu().numpy()
+    columns = ["fused", *stack.modalities, "bias"]
+    return {
+        f"stacking/{g}": (
+            dict(zip(columns, [*map(float, weight[g]), float(bias[g])])) if fitted[g] else None
+        )
+        for g in range(len(fitted))
+    }

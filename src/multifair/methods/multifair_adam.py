@@ -76,7 +76,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from multifair.errors import UserError
 from multifair.methods.base import (
     METHODS,
     LossOutput,
@@ -86,7 +85,7 @@ from multifair.methods.base import (
     StepContext,
 )
 from multifair.methods.estimators import require_model, unimodal_logits
-from multifair.methods.group_fusion import GroupStacking, fit_group_stacking, logit
+from multifair.methods.group_fusion import GroupStacking, build_stacking, fit_stacking
 from multifair.methods.signals import (
     binary_auc,
     gather_batch,
@@ -255,19 +254,7 @@ class MultiFairAdam(Method):
 
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion == "stacking":
-            model = unwrap_model(model)
-            if model.n_classes != 2:
-                raise UserError(
-                    f"multifair_adam group_fusion: stacking needs binary labels "
-                    f"(the model has {model.n_classes} classes)"
-                )
-            if self.n_groups < 1:
-                raise UserError(
-                    "multifair_adam group_fusion: stacking needs a sensitive attribute "
-                    "(data.attributes / train.attribute): it fits one recombination per group"
-                )
-            device = next(model.parameters()).device
-            self.group_stack = GroupStacking(self.n_groups, model.modalities).to(device)
+            self.group_stack = build_stacking(unwrap_model(model), self.n_groups, "multifair_adam")
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
         out = model(batch)
@@ -392,29 +379,7 @@ class MultiFairAdam(Method):
         ones and the fit is kept."""
         if self.group_stack is None:
             return {}
-        if groups is None:
-            raise ValueError("group_fusion: stacking needs the validation split's groups")
-        stack = self.group_stack
-        if not bool(stack.fitted.any()):  # once: a resumed run's best.pt already holds the fit
-            x = np.stack(
-                [logit(preds.score)] + [logit(preds.aux_scores[m]) for m in self.modalities]
-            )
-            weight, bias, fitted = fit_group_stacking(
-                x.T, preds.label, np.asarray(groups), self.n_groups, self.params.stacking_prior
-            )
-            stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
-            stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
-            stack.fitted.copy_(torch.as_tensor(fitted))
-        weight = stack.weight.detach().cpu().double().numpy()
-        bias = stack.bias.detach().cpu().double().numpy()
-        fitted = stack.fitted.detach().cpu().numpy()
-        columns = ["fused", *self.modalities, "bias"]
-        return {
-            f"stacking/{g}": (
-                dict(zip(columns, [*map(float, weight[g]), float(bias[g])])) if fitted[g] else None
-            )
-            for g in range(self.n_groups)
-        }
+        return fit_stacking(self.group_stack, preds, groups, self.params.stacking_prior)
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
