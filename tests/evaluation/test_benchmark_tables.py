@@ -496,6 +496,40 @@ def test_collect_pools_a_replication_run_in_another_directory(tmp_path, make_run
         bm.merge_collections([first, second], reference="nope")
 
 
+def test_pooling_keeps_the_first_directorys_datasets_and_names_the_rest(tmp_path, make_run_dir):
+    """A second directory with the shared dataset plus another one: the pooled tables cover the
+    first directory's datasets, the other one is named as left out; no shared dataset, or other
+    attributes, are errors."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    _, out_dir = populate(tmp_path / "first", make_run_dir)
+    meta = tmp_path / "first" / "synth_meta.json"
+
+    def second(name, datasets, attributes=("race",)):
+        path = write_config(
+            tmp_path / "second", name=name, output=str(tmp_path / "second" / name),
+            seeds=[3, 4], sweep=None, attributes=list(attributes), datasets=datasets,
+            methods=[{"label": "erm", "method": {"name": "erm"}}, {"label": "fin", "method": {"name": "fin"}}],
+        )  # fmt: skip
+        cfg2, out2 = bm.load_benchmark(path)
+        bm.write_manifest(cfg2, out2)
+        for run in bm.plan(cfg2, out2):
+            make_run_dir(run.run_dir, method=run.method, seed=run.seed, attribute=run.attribute)
+        return bm.collect(out2)
+
+    both = second("both", [{"label": "synth", "synth_meta": str(meta)}, {"label": "other", "synth_meta": str(meta)}])  # fmt: skip
+    first = bm.collect(out_dir)
+    merged = bm.merge_collections([first, both])
+    assert {r.run.dataset for r in merged.finished} == {"synth"}
+    (table,) = bt.build_tables(merged, n_boot=0)
+    assert {r.label: r for r in table.rows}["fin"].paired["auc"].n == 5
+    assert bm.left_out_datasets([first, both]) == {both.out_dir: ["other"]}
+    with pytest.raises(UserError, match="no dataset label in common"):
+        bm.merge_collections([first, second("none", [{"label": "else", "synth_meta": str(meta)}])])
+    with pytest.raises(UserError, match="attributes"):
+        bm.merge_collections([first, second("sex", [{"label": "synth", "synth_meta": str(meta)}], ("sex",))])  # fmt: skip
+
+
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "benchmarks"
 
 

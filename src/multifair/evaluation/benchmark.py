@@ -783,23 +783,33 @@ def parse_seeds(spec: str, available: Sequence[int]) -> list[int]:
 def merge_collections(
     collections: Sequence[Collection], seeds: str | None = None, reference: str | None = None
 ) -> Collection:
-    """Pool benchmark directories that ran the same datasets and attributes on other seeds
-    (a replication in its own directory, say) into one collection: rows are matched by label,
-    and paired differences use every seed both rows have. A (row, seed) in two directories is
-    an error. `seeds` and `reference` act on the pooled collection as in `collect`. Tables and
-    report go to the first directory."""
+    """Pool benchmark directories that ran the same attributes on other seeds (a replication
+    in its own directory, say) into one collection: rows are matched by label, datasets by
+    label, and paired differences use every seed both rows have. The pooled tables cover the
+    FIRST directory's datasets; another directory's runs on datasets the first lacks are left
+    out (`left_out_datasets` names them), and each other directory must share at least one.
+    A (row, seed) in two directories is an error. `seeds` and `reference` act on the pooled
+    collection as in `collect`. Tables and report go to the first directory."""
     first = collections[0]
     cfg = first.config
-    key = lambda c: ([d.label for d in c.config.datasets], list(c.config.attributes))  # noqa: E731
+    datasets = {d.label for d in cfg.datasets}
     for other in collections[1:]:
-        if key(other) != key(first):
+        if list(other.config.attributes) != list(cfg.attributes):
             raise UserError(
-                f"{other.out_dir}: datasets/attributes {key(other)} differ from "
-                f"{first.out_dir}'s {key(first)}; only benchmarks of the same data pool"
+                f"{other.out_dir}: attributes {list(other.config.attributes)} differ from "
+                f"{first.out_dir}'s {list(cfg.attributes)}; only benchmarks of the same "
+                "attributes pool"
+            )
+        if not datasets & {d.label for d in other.config.datasets}:
+            raise UserError(
+                f"{other.out_dir}: no dataset label in common with {first.out_dir} "
+                f"({sorted(d.label for d in other.config.datasets)} vs {sorted(datasets)})"
             )
     owner: dict[tuple[str, str, str, int], Path] = {}
     for c in collections:
         for run in c.runs:
+            if run.dataset not in datasets:
+                continue
             cell = (run.dataset, run.attribute, run.variant, run.seed)
             if cell in owner:
                 raise UserError(
@@ -831,16 +841,28 @@ def merge_collections(
             "reference": reference or cfg.reference,
         }
     )
-    pick = lambda runs: [r for r in runs if r.seed in keep]  # noqa: E731
+    kept = lambda run: run.seed in keep and run.dataset in datasets  # noqa: E731
+    pick = lambda runs: [r for r in runs if kept(r)]  # noqa: E731
     return Collection(
         merged,
         first.out_dir,
         pick([r for c in collections for r in c.runs]),
-        [r for c in collections for r in c.finished if r.run.seed in keep],
+        [r for c in collections for r in c.finished if kept(r.run)],
         pick([r for c in collections for r in c.missing]),
-        [(r, e) for c in collections for r, e in c.failed if r.seed in keep],
+        [(r, e) for c in collections for r, e in c.failed if kept(r)],
         pick([r for c in collections for r in c.stale]),
     )
+
+
+def left_out_datasets(collections: Sequence[Collection]) -> dict[Path, list[str]]:
+    """Per other directory, its dataset labels the first directory lacks (not pooled)."""
+    datasets = {d.label for d in collections[0].config.datasets}
+    out = {}
+    for c in collections[1:]:
+        extra = [d.label for d in c.config.datasets if d.label not in datasets]
+        if extra:
+            out[c.out_dir] = extra
+    return out
 
 
 def collect(

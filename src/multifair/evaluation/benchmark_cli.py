@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if args.pool:
             collections = [bm.collect(d) for d in [path, *args.pool]]
             merged = bm.merge_collections(collections, seeds=args.seeds, reference=args.reference)
+            for where, labels in bm.left_out_datasets(collections).items():
+                print(f"note: {where}: datasets {labels} are not in {path} and are left out")
             return _summarise(merged, args, pooled=[c.config.name for c in collections[1:]])
         return _summarise(bm.collect(path, seeds=args.seeds, reference=args.reference), args)
     if args.seeds is not None or args.reference is not None or args.pool:
