@@ -13,7 +13,10 @@ The loop, per optimisation step (see trainer.py for the real code):
     set lr of group m = scheduled_lr * factors[m]       # encoder groups only
     optimizer.step(); scheduler.step()
 
-Epoch hooks: `on_epoch_start(ctx)` (e.g. PMR prototypes, OGM-GE window), `on_epoch_end(ctx)`.
+Epoch hooks: `on_epoch_start(ctx)` (e.g. PMR prototypes, OGM-GE window), `on_epoch_end(ctx)`;
+after each validation pass `on_validation(preds, groups)`. After training, with the selected
+checkpoint loaded, `on_selected(val preds, groups)` when `fits_after_selection` (post-hoc
+fits such as group stacking; the trainer then re-saves best.pt with the method's state).
 State (EMAs, previous AUCs, group weights) lives in registered buffers, so the method's
 `state_dict()` goes into the checkpoint and `--resume` restores it. A method's learnable
 parameters (FIN, adversary) are trained with the "rest" optimizer group.
