@@ -280,14 +280,6 @@ class MultiFairAdam(Method):
         for name in self._LATER_STATE:
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         state_dict.pop(prefix + "group_seen", None)  # written by a development version
-        weight = state_dict.get(prefix + "group_stack.weight")
-        if weight is not None and prefix + "group_stack.fitted" not in state_dict:
-            # written before the `fitted` buffer: a group was fitted where it differs from the
-            # shared model
-            bias = state_dict[prefix + "group_stack.bias"]
-            shared = torch.zeros_like(weight)
-            shared[:, 0] = 1
-            state_dict[prefix + "group_stack.fitted"] = (weight != shared).any(1) | (bias != 0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def observe(
