@@ -210,3 +210,18 @@ def test_stacking_fit_converges_where_plain_newton_steps_diverge():
         return np.sum(np.logaddexp(0, z) - y * z) + np.sum((t - theta0) ** 2)
 
     assert objective(theta) < objective(theta0)
+
+
+def test_stacking_sees_margins_in_the_range_the_fit_saw():
+    """Validation margins come from float32 probabilities (saturating at ~16.1); the module
+    clamps the margins it recombines to the same range, so fit and prediction agree."""
+    from multifair.methods.group_fusion import MARGIN_LIMIT, logit
+
+    stack = GroupStacking(1, MODALITIES)
+    stack.weight.copy_(torch.tensor([[0.5, 0.0, 0.0]]))
+    z = torch.tensor([[0.0, 100.0], [0.0, -3.0]])
+    u = {m: torch.zeros(2, 2) for m in MODALITIES}
+    margin = stack(z, u, torch.tensor([0, 0]))[:, 1]
+    assert torch.allclose(margin, torch.tensor([0.5 * MARGIN_LIMIT, -1.5]))
+    saturated = torch.softmax(torch.tensor([[0.0, 100.0]]), 1)[0, 1].double().numpy()
+    assert logit(np.array([saturated]))[0] == pytest.approx(MARGIN_LIMIT)

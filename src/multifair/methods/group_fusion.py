@@ -36,8 +36,12 @@ from torch import Tensor, nn
 
 from multifair.methods.signals import group_masks
 
+EPS = 1e-7
+# the largest margin the fit can see: predictions are float32 probabilities, which saturate
+MARGIN_LIMIT = float(np.log1p(-EPS) - np.log(EPS))  # logit(1 - EPS) = 16.1
 
-def logit(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+
+def logit(p: np.ndarray, eps: float = EPS) -> np.ndarray:
     """Margins from positive-class probabilities (clipped: a saturated float32 softmax)."""
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
@@ -134,7 +138,8 @@ class GroupStacking(nn.Module):
     def forward(self, logits: Tensor, aux_logits: Mapping[str, Tensor], groups: Tensor) -> Tensor:
         margins = [logits[:, 1] - logits[:, 0]]  # (B,) each
         margins += [aux_logits[m][:, 1] - aux_logits[m][:, 0] for m in self.modalities]
-        x = torch.stack(margins, dim=1).float()  # (B, 1 + M)
+        # clamped to the range the fit saw (validation margins come from probabilities)
+        x = torch.stack(margins, dim=1).float().clamp(-MARGIN_LIMIT, MARGIN_LIMIT)  # (B, 1 + M)
         member = group_masks(groups, self.weight.shape[0]).to(x.dtype)  # (B, G)
         known = member.sum(1)  # (B,) 1 or 0
         w = member @ self.weight + (1 - known)[:, None] * self._identity(x)  # (B, 1 + M)
