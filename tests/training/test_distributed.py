@@ -31,19 +31,25 @@ def digest(state: dict) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.distributed
-def test_two_process_torchrun_gloo(tmp_path):
-    run = tmp_path / "ddp"
+def torchrun_train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """Train the diabetes config for 2 epochs in two gloo processes on CPU; must succeed."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"),
-        "train.epochs=2", "train.batch_size=32", "train.log_every=2", "train.progress=false",
+        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"), *overrides,
+        "train.epochs=2", "train.batch_size=32", "train.progress=false",
         "train.device=cpu", "train.threads=1", "model.dim=16", "output.n_boot=0",
         "output.predictions=[test]", "--out", str(run),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.distributed
+def test_two_process_torchrun_gloo(tmp_path):
+    run = tmp_path / "ddp"
+    proc = torchrun_train(run, "train.log_every=2")
     assert proc.stdout.count("training multifair") == 1  # rank 0 alone talks
 
     metrics = json.loads((run / "metrics.json").read_text())
@@ -83,17 +89,7 @@ def test_two_process_group_stacking_fits_the_same_on_both_ranks(tmp_path):
     both ranks must fit the same weights, so the test scores predicted half by each rank
     equal a single process's predictions from the checkpoint (which carries the fit)."""
     run = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"),
-        "method.name=multifair_adam", "method.group_fusion=stacking",
-        "train.epochs=2", "train.batch_size=32", "train.progress=false",
-        "train.device=cpu", "train.threads=1", "model.dim=16", "output.n_boot=0",
-        "output.predictions=[test]", "--out", str(run),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(run, "method.name=multifair_adam", "method.group_fusion=stacking")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["uses_attribute_at_test"] is True
     assert all(v is not None for v in metrics["posthoc"].values())
