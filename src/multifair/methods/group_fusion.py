@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from multifair.errors import UserError
 from multifair.methods.signals import group_masks
 
 EPS = 1e-7
@@ -155,8 +156,6 @@ class GroupStacking(nn.Module):
 # ---- the pieces a method needs to offer `group_fusion: stacking` ------------------------------
 def build_stacking(model: nn.Module, n_groups: int, method: str) -> GroupStacking:
     """The (identity) stacking for a model; clear errors where it cannot apply."""
-    from multifair.errors import UserError
-
     if model.n_classes != 2:
         raise UserError(
             f"{method} group_fusion: stacking needs binary labels "
