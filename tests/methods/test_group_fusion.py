@@ -11,7 +11,12 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from multifair.methods.base import build_method
-from multifair.methods.group_fusion import GroupStacking, fit_group_stacking
+from multifair.methods.group_fusion import (
+    GroupStacking,
+    fit_group_stacking,
+    fit_group_stacking_pooled,
+    stacked_margins,
+)
 
 MODALITIES = ["a", "b"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -111,9 +116,16 @@ def test_stacking_is_the_identity_in_training_and_before_the_fit():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["multifair_adam", "fin"])
+@pytest.mark.parametrize(
+    "method, data",
+    [
+        ("multifair_adam", "validation"),
+        ("fin", "validation"),
+        ("multifair_adam", "train+validation"),
+    ],
+)
 def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_the_fit(
-    tmp_path, method
+    tmp_path, method, data
 ):
     import json
 
@@ -123,7 +135,7 @@ def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_
     args = [
         "train", str(CONFIGS / "diabetes.yaml"), "train.epochs=3", "train.batch_size=64",
         "train.progress=false", "train.warmup_steps=0", "model.dim=16", "output.n_boot=0",
-        f"method.name={method}", "method.group_fusion=stacking",
+        f"method.name={method}", "method.group_fusion=stacking", f"method.stacking_data={data}",
         "--out", str(run),
     ]  # fmt: skip
     assert main(args) == 0
@@ -225,3 +237,85 @@ def test_stacking_sees_margins_in_the_range_the_fit_saw():
     assert torch.allclose(margin, torch.tensor([0.5 * MARGIN_LIMIT, -1.5]))
     saturated = torch.softmax(torch.tensor([[0.0, 100.0]]), 1)[0, 1].double().numpy()
     assert logit(np.array([saturated]))[0] == pytest.approx(MARGIN_LIMIT)
+
+
+# ---- stacking_data: train+validation ----------------------------------------------------------
+
+
+def _logistic_data(rng, n, weights, groups_p=(0.5, 0.5)):
+    """Margins x (n, 3) and labels drawn from each group's true (w | b): (G, 4)."""
+    groups = rng.choice(len(groups_p), n, p=groups_p)
+    x = rng.normal(size=(n, 3))
+    margin = np.einsum("nk,nk->n", np.c_[x, np.ones(n)], weights[groups])
+    y = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(int)
+    return x, y, groups
+
+
+def test_pooled_stacking_takes_the_direction_from_both_splits_and_the_scale_from_validation():
+    """Training margins are over-confident: here 3x what the same labels give on validation.
+    Pooling them in one fit shrinks the weights; the two-stage fit recovers the validation
+    truth (direction from both splits, each group's scale and intercept from validation)."""
+    rng = np.random.default_rng(0)
+    true = np.array([[1.0, 0.0, 0.0, 0.3], [0.3, -0.6, 1.2, -0.4]])
+    x_val, y_val, g_val = _logistic_data(rng, 3000, true)
+    x_tr, y_tr, g_tr = _logistic_data(rng, 12000, true)
+    x_tr = 3 * x_tr  # the same labels, margins 3x as large
+    weight, bias, fitted = fit_group_stacking_pooled(
+        x_tr, y_tr, g_tr, x_val, y_val, g_val, 2, prior=1e-3
+    )
+    assert fitted.tolist() == [True, True]
+    assert np.allclose(np.c_[weight, bias], true, atol=0.15)
+    naive, _, _ = fit_group_stacking(
+        np.r_[x_tr, x_val], np.r_[y_tr, y_val], np.r_[g_tr, g_val], 2, prior=1e-3
+    )
+    assert np.linalg.norm(naive[1]) < 0.6 * np.linalg.norm(true[1, :3])  # shrunk: wrong scale
+
+
+def test_pooled_stacking_keeps_the_pooled_fit_of_a_group_too_small_on_validation():
+    rng = np.random.default_rng(1)
+    true = np.array([[0.2, 1.0, -0.5, 0.0]])
+    x_tr, y_tr, g_tr = _logistic_data(rng, 2000, true, groups_p=(1.0,))
+    x_val = rng.normal(size=(30, 3))
+    y_val = np.r_[np.ones(3), np.zeros(27)].astype(int)  # 3 positives: no scale/intercept fit
+    weight, bias, fitted = fit_group_stacking_pooled(
+        x_tr, y_tr, g_tr, x_val, y_val, np.zeros(30, int), 1, prior=1.0
+    )
+    pooled, pooled_bias, _ = fit_group_stacking(
+        np.r_[x_tr, x_val], np.r_[y_tr, y_val], np.zeros(2030, int), 1, prior=1.0
+    )
+    assert fitted[0] and np.allclose(weight, pooled) and np.allclose(bias, pooled_bias)
+
+
+def test_stacked_margins_match_the_module_and_leave_unknown_groups():
+    weight = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, 0.0]])
+    bias = np.array([0.3, -0.2])
+    x = np.array([[2.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [3.5, 9.0, 0.0]])
+    got = stacked_margins(x, np.array([0, 1, -1]), weight, bias)
+    assert np.allclose(got, [0.5 * 2 - 1.0 * 1 + 0.3, -1 - 0.2, 3.5])
+
+
+def test_on_selected_with_training_predictions_uses_them_only_when_asked():
+    preds, groups = _val_preds(n=200, seed=0)
+    train, train_groups = _val_preds(n=2000, seed=3)
+    val_only, _ = _method("stacking", n_groups=2)
+    pooled, _ = _method("stacking", n_groups=2, stacking_data="train+validation")
+    assert pooled.fits_on_train and not val_only.fits_on_train
+    # the validation-only fit ignores training predictions it is handed
+    assert val_only.on_selected(preds, groups, train, train_groups) == (
+        _method("stacking", n_groups=2)[0].on_selected(preds, groups)
+    )
+    fit = pooled.on_selected(preds, groups, train, train_groups)
+    assert fit != val_only.on_selected(preds, groups)
+    assert fit["stacking/1"]["a"] < fit["stacking/0"]["a"]  # a is weak for group 1
+    with pytest.raises(ValueError, match="groups"):
+        _method("stacking", n_groups=2, stacking_data="train+validation")[0].on_selected(
+            preds, groups, train, None
+        )
+
+
+@pytest.mark.parametrize("name", ["multifair_adam", "fin"])
+def test_stacking_data_without_stacking_is_a_user_error(name):
+    from multifair.errors import UserError
+
+    with pytest.raises(UserError, match="needs group_fusion: stacking"):
+        build_method(name, {"stacking_data": "train+validation"}, MODALITIES, 3)

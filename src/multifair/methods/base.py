@@ -102,6 +102,9 @@ class Method(nn.Module):
     # Methods that fit something on the selected checkpoint's validation predictions
     # (`on_selected`) set this; the trainer then re-saves checkpoints/best.pt with the fit.
     fits_after_selection: bool = False
+    # ... and those that also fit on the training split's predictions (made in eval mode, after
+    # selection) set this; they arrive as `on_selected`'s `train_preds` / `train_groups`.
+    fits_on_train: bool = False
     # Methods that read per-modality step-size factors need one optimizer group per encoder
     # (the trainer always builds them; this flag only documents the intent).
     acts_on_step_size: ClassVar[bool] = False
@@ -165,10 +168,17 @@ class Method(nn.Module):
         Returns stats for the epoch record."""
         return {}
 
-    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+    def on_selected(
+        self,
+        preds: Any,
+        groups: np.ndarray | None = None,
+        train_preds: Any | None = None,
+        train_groups: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         """Called once after training when `fits_after_selection`: the selected checkpoint is
         loaded and `preds` are its validation predictions (with `groups`, as in
-        `on_validation`). Fit post-hoc state here; returns stats for metrics.json."""
+        `on_validation`); with `fits_on_train`, also its training-split predictions. Fit
+        post-hoc state here; returns stats for metrics.json."""
         return {}
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from multifair.methods.base import METHODS, Method, MethodParams, ModelOutput
@@ -40,6 +40,16 @@ class FINParams(MethodParams):
     # modality margins on validation (methods/group_fusion.py, as in multifair_adam)
     group_fusion: Literal["off", "stacking"] = "off"
     stacking_prior: float = Field(1.0, gt=0)
+    stacking_data: Literal["validation", "train+validation"] = "validation"
+
+    @model_validator(mode="after")
+    def _stacking_data_needs_stacking(self) -> FINParams:
+        if self.stacking_data != "validation" and self.group_fusion != "stacking":
+            raise ValueError(
+                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
+                f"(group_fusion is {self.group_fusion!r})"
+            )
+        return self
 
 
 class FairIdentityNormalizer(nn.Module):
@@ -76,6 +86,7 @@ class FIN(Method):
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
         self.group_stack: GroupStacking | None = None
         self.fits_after_selection = params.group_fusion == "stacking"
+        self.fits_on_train = self.fits_after_selection and params.stacking_data != "validation"
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)
@@ -95,7 +106,20 @@ class FIN(Method):
             logits = self.group_stack(logits, out.aux_logits, batch["group"])
         return ModelOutput(logits, out.features, out.aux_logits, z)
 
-    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+    def on_selected(
+        self,
+        preds: Any,
+        groups: np.ndarray | None = None,
+        train_preds: Any | None = None,
+        train_groups: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         if self.group_stack is None:
             return {}
-        return fit_stacking(self.group_stack, preds, groups, self.params.stacking_prior)
+        return fit_stacking(
+            self.group_stack,
+            preds,
+            groups,
+            self.params.stacking_prior,
+            train_preds if self.fits_on_train else None,
+            train_groups,
+        )

@@ -12,10 +12,16 @@ margin) of a sample:
 
 W_g, b_g from a logistic regression on the VALIDATION split's margins of the selected
 checkpoint, shrunk towards the shared model (W = (1, 0, ...), b = 0) - the modality heads read
-detached features, so on held-out data they are honest single-modality predictions, and the
-training split's margins would be those of memorised samples. A group with too few samples
-of a class, and a sample of unknown group, keep the shared model. The minority's fit leans
-on the modality that serves it (in the main scenario: a negative weight on A's head).
+detached features, so on held-out data they are honest single-modality predictions. A group
+with too few samples of a class, and a sample of unknown group, keep the shared model. The
+minority's fit leans on the modality that serves it (in the main scenario: a negative weight
+on A's head).
+
+`stacking_data: train+validation` fits in two stages (`fit_group_stacking_pooled`): the
+DIRECTION of each group's weights on the training and validation margins pooled (5x the
+samples of a minority: its within-group ranking depends on the direction only), then each
+group's SCALE and INTERCEPT on validation alone - training margins are over-confident, and
+the scale and intercept are what put the groups' scores on one scale for the overall ranking.
 
 Development notes (docs/results.md): trained alternatives - a per-group FiLM on the modality
 tokens, per-group weights on the modality logits trained with the model - gained less in a
@@ -118,6 +124,46 @@ def _penalised_logistic(
     return theta
 
 
+def stacked_margins(
+    x: np.ndarray, groups: np.ndarray, weight: np.ndarray, bias: np.ndarray
+) -> np.ndarray:
+    """W_g . x + b_g per sample (N,); a sample of unknown group keeps the fused margin x[:, 0]."""
+    x = np.clip(np.asarray(x, dtype=np.float64), -MARGIN_LIMIT, MARGIN_LIMIT)
+    groups = np.asarray(groups)
+    known = (groups >= 0) & (groups < len(bias))
+    g = np.where(known, groups, 0)
+    return np.where(known, (weight[g] * x).sum(1) + bias[g], x[:, 0])
+
+
+def fit_group_stacking_pooled(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    g_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    g_val: np.ndarray,
+    n_groups: int,
+    prior: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`stacking_data: train+validation`: each group's direction from the training and
+    validation margins pooled, then its scale a_g and intercept c_g on validation alone
+    (the same penalised fit on the one stacked margin, towards a = 1, c = 0):
+
+        margin' = a_g (W_g . x + b_g) + c_g
+
+    A group without enough validation samples of a class keeps the pooled fit as it is."""
+    weight, bias, fitted = fit_group_stacking(
+        np.concatenate([x_train, x_val]),
+        np.concatenate([y_train, y_val]),
+        np.concatenate([g_train, g_val]),
+        n_groups,
+        prior,
+    )
+    s = stacked_margins(x_val, g_val, weight, bias)
+    scale, shift, _ = fit_group_stacking(s[:, None], y_val, g_val, n_groups, prior)
+    return scale[:, :1] * weight, scale[:, 0] * bias + shift, fitted
+
+
 class GroupStacking(nn.Module):
     """The fitted per-group recombination, applied to a binary prediction's margin:
 
@@ -171,18 +217,38 @@ def build_stacking(model: nn.Module, n_groups: int, method: str) -> GroupStackin
 
 
 def fit_stacking(
-    stack: GroupStacking, preds: Any, groups: np.ndarray | None, prior: float
+    stack: GroupStacking,
+    preds: Any,
+    groups: np.ndarray | None,
+    prior: float,
+    train_preds: Any | None = None,
+    train_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Fit `stack` on the selected checkpoint's validation predictions (once: a state that
-    already holds a fit - a resumed run's best.pt - keeps it; its predictions are stacked
-    ones). Returns the fit per group for metrics.json (`None`: kept at the shared model)."""
-    if groups is None:
-        raise ValueError("group_fusion: stacking needs the validation split's groups")
+    """Fit `stack` on the selected checkpoint's validation predictions - and, when
+    `train_preds` are given (`stacking_data: train+validation`), the training split's too
+    (`fit_group_stacking_pooled`). Fits once: a state that already holds a fit - a resumed
+    run's best.pt - keeps it; its predictions are stacked ones. Returns the fit per group for
+    metrics.json (`None`: kept at the shared model)."""
+    if groups is None or (train_preds is not None and train_groups is None):
+        raise ValueError("group_fusion: stacking needs each fitted split's groups")
     if not bool(stack.fitted.any()):
-        x = np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in stack.modalities])
-        weight, bias, fitted = fit_group_stacking(
-            x.T, preds.label, np.asarray(groups), stack.weight.shape[0], prior
-        )
+        n_groups = stack.weight.shape[0]
+        x = _margins(preds, stack.modalities)
+        if train_preds is None:
+            weight, bias, fitted = fit_group_stacking(
+                x, preds.label, np.asarray(groups), n_groups, prior
+            )
+        else:
+            weight, bias, fitted = fit_group_stacking_pooled(
+                _margins(train_preds, stack.modalities),
+                train_preds.label,
+                np.asarray(train_groups),
+                x,
+                preds.label,
+                np.asarray(groups),
+                n_groups,
+                prior,
+            )
         stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
         stack.bias.copy_(torch.as_tensor(bias, dtype=stack.bias.dtype))
         stack.fitted.copy_(torch.as_tensor(fitted))
@@ -196,3 +262,8 @@ def fit_stacking(
         )
         for g in range(len(fitted))
     }
+
+
+def _margins(preds: Any, modalities: Sequence[str]) -> np.ndarray:
+    """(N, 1 + M): the fused margin, then each modality head's."""
+    return np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in modalities], axis=1)

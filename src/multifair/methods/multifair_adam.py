@@ -146,6 +146,9 @@ class MultiFairAdamParams(MethodParams):
     # the validation split (`methods.group_fusion`). Uses the sensitive attribute AT TEST TIME.
     group_fusion: Literal["off", "stacking"] = "off"
     stacking_prior: float = Field(1.0, gt=0)  # pull of each group's fit towards the shared one
+    # what the stacking is fitted on: the validation split, or (two stages) the direction on
+    # the training and validation splits pooled, each group's scale and intercept on validation
+    stacking_data: Literal["validation", "train+validation"] = "validation"
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -169,6 +172,11 @@ class MultiFairAdamParams(MethodParams):
         if self.trend_z_full <= self.trend_z_on:
             raise ValueError(
                 f"trend_z_full ({self.trend_z_full}) must exceed trend_z_on ({self.trend_z_on})"
+            )
+        if self.stacking_data != "validation" and self.group_fusion != "stacking":
+            raise ValueError(
+                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
+                f"(group_fusion is {self.group_fusion!r})"
             )
         if self.level_z_full <= self.level_z_on:
             raise ValueError(
@@ -251,6 +259,7 @@ class MultiFairAdam(Method):
         self.group_stack: GroupStacking | None = None
         self.uses_attribute_at_test = params.group_fusion != "off"
         self.fits_after_selection = params.group_fusion == "stacking"
+        self.fits_on_train = self.fits_after_selection and params.stacking_data != "validation"
 
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion == "stacking":
@@ -363,15 +372,28 @@ class MultiFairAdam(Method):
             stats.update(self._update_group_weights(preds, groups))
         return stats
 
-    def on_selected(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
+    def on_selected(
+        self,
+        preds: Any,
+        groups: np.ndarray | None = None,
+        train_preds: Any | None = None,
+        train_groups: np.ndarray | None = None,
+    ) -> dict[str, Any]:
         """`group_fusion: stacking`: fit each group's recombination of the fused and modality
-        margins on the selected checkpoint's validation predictions (made before any fit:
-        the stacking is the identity until now). Fits once: when the loaded state already
-        holds a fit (a run resumed after the trainer re-saved best.pt), `preds` are stacked
-        ones and the fit is kept."""
+        margins on the selected checkpoint's validation predictions (and with `stacking_data:
+        train+validation` its training ones; made before any fit: the stacking is the identity
+        until now). Fits once: when the loaded state already holds a fit (a run resumed after
+        the trainer re-saved best.pt), `preds` are stacked ones and the fit is kept."""
         if self.group_stack is None:
             return {}
-        return fit_stacking(self.group_stack, preds, groups, self.params.stacking_prior)
+        return fit_stacking(
+            self.group_stack,
+            preds,
+            groups,
+            self.params.stacking_prior,
+            train_preds if self.fits_on_train else None,
+            train_groups,
+        )
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the

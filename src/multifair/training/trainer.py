@@ -628,7 +628,27 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             val_preds = predict(
                 model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
             )
-            posthoc = method.on_selected(val_preds, val_preds.attributes.get(attribute)) or {}
+            train_preds = (
+                predict(
+                    model,
+                    method,
+                    eval_loader("train"),
+                    to_device=to_device,
+                    env=env,
+                    amp_dtype=amp_dtype,
+                )
+                if method.fits_on_train
+                else None
+            )
+            posthoc = (
+                method.on_selected(
+                    val_preds,
+                    val_preds.attributes.get(attribute),
+                    train_preds,
+                    None if train_preds is None else train_preds.attributes.get(attribute),
+                )
+                or {}
+            )
             if env.is_main:  # the checkpoint carries the fit: `multifair predict` reproduces it
                 selected["method"] = method.state_dict()
                 checkpoint.save_atomic(selected, ckpt_dir / "best.pt")
