@@ -85,11 +85,17 @@ def test_two_process_torchrun_gloo(tmp_path):
 
 @pytest.mark.distributed
 def test_two_process_group_stacking_fits_the_same_on_both_ranks(tmp_path):
-    """`group_fusion: stacking` fits after selection on the gathered validation predictions:
-    both ranks must fit the same weights, so the test scores predicted half by each rank
-    equal a single process's predictions from the checkpoint (which carries the fit)."""
+    """`group_fusion: stacking` fits after selection on the gathered validation predictions
+    (with `stacking_data: train+validation`, the gathered training ones too): both ranks must
+    fit the same weights, so the test scores predicted half by each rank equal a single
+    process's predictions from the checkpoint (which carries the fit)."""
     run = tmp_path / "ddp"
-    torchrun_train(run, "method.name=multifair_adam", "method.group_fusion=stacking")
+    torchrun_train(
+        run,
+        "method.name=multifair_adam",
+        "method.group_fusion=stacking",
+        "method.stacking_data=train+validation",
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["uses_attribute_at_test"] is True
     assert all(v is not None for v in metrics["posthoc"].values())
