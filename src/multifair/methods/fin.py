@@ -20,36 +20,30 @@ says so). The evaluation must therefore call `method.forward(model, batch)` with
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from multifair.methods.base import METHODS, Method, MethodParams, ModelOutput
-from multifair.methods.group_fusion import GroupStacking, build_stacking, fit_stacking
+from multifair.methods.base import METHODS, Method, ModelOutput
+from multifair.methods.group_fusion import (
+    GroupFusionParams,
+    GroupStacking,
+    build_stacking,
+    fit_stacking,
+)
 from multifair.methods.signals import group_masks, unwrap_model
 
 
-class FINParams(MethodParams):
+class FINParams(GroupFusionParams):
     beta: float = Field(0.3, ge=0, le=1)  # share of the un-normalised feature kept
     mu_std: float = Field(0.01, ge=0)  # init std of mu_g
     sigma_std: float = Field(1.0, ge=0)  # init std of sigma_g (softplus-ed)
-    # "stacking": after selection, also fit each group's recombination of the fused and
-    # modality margins on validation (methods/group_fusion.py, as in multifair_adam)
-    group_fusion: Literal["off", "stacking"] = "off"
-    stacking_prior: float = Field(1.0, gt=0)
-    stacking_data: Literal["validation", "train+validation"] = "validation"
-
-    @model_validator(mode="after")
-    def _stacking_data_needs_stacking(self) -> FINParams:
-        if self.stacking_data != "validation" and self.group_fusion != "stacking":
-            raise ValueError(
-                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
-                f"(group_fusion is {self.group_fusion!r})"
-            )
-        return self
+    # group_fusion: stacking (GroupFusionParams): after selection, also fit each group's
+    # recombination of the fused and modality margins (methods/group_fusion.py, as in
+    # multifair_adam)
 
 
 class FairIdentityNormalizer(nn.Module):
@@ -86,7 +80,7 @@ class FIN(Method):
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
         self.group_stack: GroupStacking | None = None
         self.fits_after_selection = params.group_fusion == "stacking"
-        self.fits_on_train = self.fits_after_selection and params.stacking_data != "validation"
+        self.fits_on_train = params.fits_on_train
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)
@@ -115,11 +109,4 @@ class FIN(Method):
     ) -> dict[str, Any]:
         if self.group_stack is None:
             return {}
-        return fit_stacking(
-            self.group_stack,
-            preds,
-            groups,
-            self.params.stacking_prior,
-            train_preds if self.fits_on_train else None,
-            train_groups,
-        )
+        return fit_stacking(self.group_stack, self.params, preds, groups, train_preds, train_groups)

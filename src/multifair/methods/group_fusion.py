@@ -34,18 +34,46 @@ NEEDS THE SENSITIVE ATTRIBUTE AT TEST TIME, like FIN: every table marks the rows
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from multifair.errors import UserError
+from multifair.methods.base import MethodParams
 from multifair.methods.signals import group_masks
 
 EPS = 1e-7
 # the largest margin the fit can see: predictions are float32 probabilities, which saturate
 MARGIN_LIMIT = float(np.log1p(-EPS) - np.log(EPS))  # logit(1 - EPS) = 16.1
+
+
+class GroupFusionParams(MethodParams):
+    """The options of a method that offers `group_fusion: stacking` (multifair_adam, fin)."""
+
+    # "stacking": after selection, fit per-group weights on the fused and modality margins on
+    # held-out data. Uses the sensitive attribute AT TEST TIME.
+    group_fusion: Literal["off", "stacking"] = "off"
+    stacking_prior: float = Field(1.0, gt=0)  # pull of each group's fit towards the shared one
+    # what the stacking is fitted on: the validation split, or (two stages) the direction on
+    # the training and validation splits pooled, each group's scale and intercept on validation
+    stacking_data: Literal["validation", "train+validation"] = "validation"
+
+    @model_validator(mode="after")
+    def _stacking_data_needs_stacking(self) -> GroupFusionParams:
+        if self.stacking_data != "validation" and self.group_fusion != "stacking":
+            raise ValueError(
+                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
+                f"(group_fusion is {self.group_fusion!r})"
+            )
+        return self
+
+    @property
+    def fits_on_train(self) -> bool:
+        """Whether the fit also reads the training split's predictions."""
+        return self.group_fusion == "stacking" and self.stacking_data != "validation"
 
 
 def logit(p: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -218,23 +246,23 @@ def build_stacking(model: nn.Module, n_groups: int, method: str) -> GroupStackin
 
 def fit_stacking(
     stack: GroupStacking,
+    params: GroupFusionParams,
     preds: Any,
     groups: np.ndarray | None,
-    prior: float,
     train_preds: Any | None = None,
     train_groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Fit `stack` on the selected checkpoint's validation predictions - and, when
-    `train_preds` are given (`stacking_data: train+validation`), the training split's too
-    (`fit_group_stacking_pooled`). Fits once: a state that already holds a fit - a resumed
-    run's best.pt - keeps it; its predictions are stacked ones. Returns the fit per group for
-    metrics.json (`None`: kept at the shared model)."""
-    if groups is None or (train_preds is not None and train_groups is None):
-        raise ValueError("group_fusion: stacking needs each fitted split's groups")
+    """A method's `on_selected` for `group_fusion: stacking`: fit `stack` on the selected
+    checkpoint's validation predictions - with `stacking_data: train+validation` on the
+    training split's too (`fit_group_stacking_pooled`). Fits once: a state that already holds
+    a fit - a resumed run's best.pt - keeps it; its predictions are stacked ones. Returns the
+    fit per group for metrics.json (`None`: kept at the shared model)."""
+    if groups is None or (params.fits_on_train and (train_preds is None or train_groups is None)):
+        raise ValueError("group_fusion: stacking needs each fitted split's predictions and groups")
     if not bool(stack.fitted.any()):
-        n_groups = stack.weight.shape[0]
+        n_groups, prior = stack.weight.shape[0], params.stacking_prior
         x = _margins(preds, stack.modalities)
-        if train_preds is None:
+        if not params.fits_on_train:
             weight, bias, fitted = fit_group_stacking(
                 x, preds.label, np.asarray(groups), n_groups, prior
             )

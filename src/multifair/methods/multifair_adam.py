@@ -80,12 +80,16 @@ from multifair.methods.base import (
     METHODS,
     LossOutput,
     Method,
-    MethodParams,
     ModelOutput,
     StepContext,
 )
 from multifair.methods.estimators import require_model, unimodal_logits
-from multifair.methods.group_fusion import GroupStacking, build_stacking, fit_stacking
+from multifair.methods.group_fusion import (
+    GroupFusionParams,
+    GroupStacking,
+    build_stacking,
+    fit_stacking,
+)
 from multifair.methods.signals import (
     binary_auc,
     gather_batch,
@@ -105,7 +109,7 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-class MultiFairAdamParams(MethodParams):
+class MultiFairAdamParams(GroupFusionParams):
     """Hyper-parameters of `multifair_adam`. `temperature` and `gap_weight` left unset take the
     values of `preset`; an explicit value wins."""
 
@@ -142,13 +146,7 @@ class MultiFairAdamParams(MethodParams):
     group_temperature: float = Field(0.1, gt=0)  # T_g: a gap of T_g multiplies a weight by e
     group_momentum: float = Field(0.5, ge=0, lt=1)  # smoothing of the gaps over epochs
     group_z: float = Field(1.0, ge=0)  # gaps count only beyond this many standard errors
-    # "stacking": after selection, fit per-group weights on the fused and modality margins on
-    # the validation split (`methods.group_fusion`). Uses the sensitive attribute AT TEST TIME.
-    group_fusion: Literal["off", "stacking"] = "off"
-    stacking_prior: float = Field(1.0, gt=0)  # pull of each group's fit towards the shared one
-    # what the stacking is fitted on: the validation split, or (two stages) the direction on
-    # the training and validation splits pooled, each group's scale and intercept on validation
-    stacking_data: Literal["validation", "train+validation"] = "validation"
+    # group_fusion, stacking_prior, stacking_data: `GroupFusionParams` (methods.group_fusion)
     level_z_on: float = 2.0  # level gate opens above this z-score of (Abar_lag - 0.5) ...
     level_z_full: float = 4.0  # ... and is fully open from this one
     trend_z_on: float = 1.0  # trend gate opens above this trend z-score of the lagging modality
@@ -172,11 +170,6 @@ class MultiFairAdamParams(MethodParams):
         if self.trend_z_full <= self.trend_z_on:
             raise ValueError(
                 f"trend_z_full ({self.trend_z_full}) must exceed trend_z_on ({self.trend_z_on})"
-            )
-        if self.stacking_data != "validation" and self.group_fusion != "stacking":
-            raise ValueError(
-                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
-                f"(group_fusion is {self.group_fusion!r})"
             )
         if self.level_z_full <= self.level_z_on:
             raise ValueError(
@@ -259,7 +252,7 @@ class MultiFairAdam(Method):
         self.group_stack: GroupStacking | None = None
         self.uses_attribute_at_test = params.group_fusion != "off"
         self.fits_after_selection = params.group_fusion == "stacking"
-        self.fits_on_train = self.fits_after_selection and params.stacking_data != "validation"
+        self.fits_on_train = params.fits_on_train
 
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion == "stacking":
@@ -386,14 +379,7 @@ class MultiFairAdam(Method):
         the trainer re-saved best.pt), `preds` are stacked ones and the fit is kept."""
         if self.group_stack is None:
             return {}
-        return fit_stacking(
-            self.group_stack,
-            preds,
-            groups,
-            self.params.stacking_prior,
-            train_preds if self.fits_on_train else None,
-            train_groups,
-        )
+        return fit_stacking(self.group_stack, self.params, preds, groups, train_preds, train_groups)
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
