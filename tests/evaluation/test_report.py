@@ -168,6 +168,12 @@ def test_run_report_shows_the_group_stacking_fit_with_group_names(tmp_path, make
         f"<td>{names[0]}</td><td>+0.550</td><td>-0.230</td><td>+0.410</td><td>+0.160</td>" in html
     )
     assert f"<td>{names[1]}</td><td>shared model</td>" in html
+    assert "fitted on validation after selection" in html  # an older run: no stacking_data
+    metrics["posthoc"]["stacking_data"] = "train+validation"
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report(run_dir).read_text()
+    assert "fitted on training + validation after selection" in html
+    assert f"<td>{names[1]}</td><td>shared model</td>" in html
     del metrics["posthoc"]
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     assert "Group-aware stacking" not in write_report(run_dir).read_text()

@@ -141,6 +141,7 @@ def test_training_with_stacking_fits_after_selection_and_the_checkpoint_carries_
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["uses_attribute_at_test"] is True
+    assert metrics["posthoc"]["stacking_data"] == data
     fits = [v for k, v in metrics["posthoc"].items() if k.startswith("stacking/")]
     assert len(fits) == 2 and all(f is not None for f in fits)
     assert any(abs(f["fused"] - 1) > 1e-3 or abs(f["bias"]) > 1e-3 for f in fits)

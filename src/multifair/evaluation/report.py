@@ -528,8 +528,11 @@ def render_run_report(run_dir: str | Path) -> str:
     stacking = stacking_rows(metrics, _group_names(metrics, attribute))
     if stacking:
         header, rows = stacking
+        fitted_on = {"train+validation": "training + validation"}.get(
+            (metrics.get("posthoc") or {}).get("stacking_data"), "validation"
+        )
         body.append(
-            "<h2>Group-aware stacking (fitted on validation after selection)</h2>"
+            f"<h2>Group-aware stacking (fitted on {fitted_on} after selection)</h2>"
             + _table(header, rows)
             + '<p class="note">Each group\'s prediction is the weighted sum of the fused margin '
             "and each modality head's margin plus the intercept; the shared model is fused 1, "

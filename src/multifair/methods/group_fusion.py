@@ -285,10 +285,13 @@ def fit_stacking(
     fitted = stack.fitted.detach().cpu().numpy()
     columns = ["fused", *stack.modalities, "bias"]
     return {
-        f"stacking/{g}": (
-            dict(zip(columns, [*map(float, weight[g]), float(bias[g])])) if fitted[g] else None
-        )
-        for g in range(len(fitted))
+        "stacking_data": params.stacking_data,
+        **{
+            f"stacking/{g}": (
+                dict(zip(columns, [*map(float, weight[g]), float(bias[g])])) if fitted[g] else None
+            )
+            for g in range(len(fitted))
+        },
     }
 
 
