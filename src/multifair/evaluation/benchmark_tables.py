@@ -541,8 +541,10 @@ def _stacking_block(
         return None
     notes = [
         "each group's prediction: its weights on the fused margin and on each modality head's "
-        "margin, plus an intercept, fitted on validation after selection (mean ± std over the "
-        "seeds that fitted the group); the shared model is fused 1, the rest 0"
+        "margin, plus an intercept, fitted after selection on validation (rows with "
+        "`stacking_data: train+validation`: the direction on training + validation, the scale "
+        "and intercept on validation; mean ± std over the seeds that fitted the group); the "
+        "shared model is fused 1, the rest 0"
     ]
     header = ["method", "group", *columns, "fitted"]
     return "group-aware stacking: the fitted weights per group", header, rows_out, notes
