@@ -610,7 +610,7 @@ def test_stacking_block_shows_each_groups_mean_fitted_weights(tmp_path, make_run
     assert set(by_group) == {"white", "asian"} and all(r[0] == "fin †" for r in rows)
     assert by_group["white"][2:] == ["2.00 ± 1.00", "0.50 ± 0.00", "0.10 ± 0.00", "0.00 ± 0.00", "3/3"]  # fmt: skip
     assert by_group["asian"][3] == "-0.30 ± 0.14" and by_group["asian"][-1] == "2/3"
-    assert "fitted on validation" in notes[0]
+    assert "fitted after selection on validation" in notes[0]
     # no stacking run, no block
     (tmp_path / "p").mkdir()
     (plain,) = bt.build_tables(bm.collect(populate(tmp_path / "p", make_run_dir)[1]), n_boot=0)
