@@ -18,7 +18,7 @@ minority's fit leans on the modality that serves it (in the main scenario: a neg
 on A's head).
 
 `stacking_data: train+validation` fits in two stages (`fit_group_stacking_pooled`): the
-DIRECTION of each group's weights on the training and validation margins pooled (5x the
+DIRECTION of each group's weights on the training and validation margins pooled (3-4x the
 samples of a minority: its within-group ranking depends on the direction only), then each
 group's SCALE and INTERCEPT on validation alone - training margins are over-confident, and
 the scale and intercept are what put the groups' scores on one scale for the overall ranking.
