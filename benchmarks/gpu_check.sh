@@ -9,14 +9,16 @@
 #   3. torchrun with NCCL (one process) training the demo model on the GPU;
 #   4. the step benchmark again in bf16.
 # Everything printed also lands in $OUT (default runs/gpu_check): the log, and the image
-# benchmark's run directories without checkpoints (effnet_runs.tar.gz) to collect here with
+# benchmark's run directories without checkpoints (<benchmark name>_runs.tar.gz) to collect here with
 #   multifair benchmark collect runs/benchmarks/synth_fairvision_effnet
 #
 #   bash benchmarks/gpu_check.sh [IMAGE_SECONDS]        # default 240
 #   bash benchmarks/gpu_check.sh --image-only [IMAGE_SECONDS]
 # The second form runs step 2 alone (no model tests): the benchmark's missing runs, e.g. rows
 # added to the config since the last GPU session (carry runs/benchmarks/synth_fairvision_effnet
-# so that finished runs are not redone).
+# so that finished runs are not redone). IMAGE_CONFIG=configs/benchmarks/<name>.yaml runs
+# another image benchmark instead (its output must be runs/benchmarks/<name>), e.g.
+# synth_fairvision_large_effnet_groupaware.yaml.
 set -u -o pipefail
 out=${OUT:-runs/gpu_check}
 mkdir -p "$out"
@@ -25,7 +27,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 image_only=0
 if [ "${1:-}" = "--image-only" ]; then image_only=1; shift; fi
 image_seconds=${1:-240}
-bench=runs/benchmarks/synth_fairvision_effnet
+image_config=${IMAGE_CONFIG:-configs/benchmarks/synth_fairvision_effnet.yaml}
+bench=runs/benchmarks/$(basename "$image_config" .yaml)
 step() { echo; echo "== $* [$(date +%T)]"; }
 
 if [ "$image_only" = 1 ]; then
@@ -33,9 +36,9 @@ if [ "$image_only" = 1 ]; then
 step "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step "image-encoder benchmark only (${image_seconds} s)"
-timeout "$image_seconds" $py -m multifair benchmark configs/benchmarks/synth_fairvision_effnet.yaml --no-report
+timeout "$image_seconds" $py -m multifair benchmark "$image_config" --no-report
 $py -m multifair benchmark collect "$bench" --no-report
-tar czf "$out/effnet_runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' "$bench"
+tar czf "$out/$(basename "$bench")_runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' "$bench"
 step "done"
 } 2>&1 | tee "$out/gpu_check.log"
 exit 0
@@ -53,9 +56,9 @@ timeout 170 $py benchmarks/bench_step.py --preset paper --device cuda --amp fp16
 step "2. image-encoder benchmark (${image_seconds} s), model tests beside it on the CPU"
 (timeout 200 $py -m pytest -q -p no:cacheprovider tests/models >"$out/pytest_models.log" 2>&1; \
   echo "pytest tests/models exit $?" >>"$out/pytest_models.log") &
-timeout "$image_seconds" $py -m multifair benchmark configs/benchmarks/synth_fairvision_effnet.yaml --no-report
+timeout "$image_seconds" $py -m multifair benchmark "$image_config" --no-report
 $py -m multifair benchmark collect "$bench" --no-report
-tar czf "$out/effnet_runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' "$bench"
+tar czf "$out/$(basename "$bench")_runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' "$bench"
 wait
 tail -n 5 "$out/pytest_models.log"
 
