@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
@@ -31,8 +30,8 @@ from multifair.methods.base import METHODS, Method, ModelOutput
 from multifair.methods.group_fusion import (
     GroupFusionParams,
     GroupStacking,
+    GroupStackingHook,
     build_stacking,
-    fit_stacking,
 )
 from multifair.methods.signals import group_masks, unwrap_model
 
@@ -68,7 +67,7 @@ class FairIdentityNormalizer(nn.Module):
 
 
 @METHODS.register("fin")
-class FIN(Method):
+class FIN(GroupStackingHook, Method):
     """Group-specific normalisation of the fused feature; uses the attribute at test time."""
 
     Params = FINParams
@@ -99,14 +98,3 @@ class FIN(Method):
         if self.group_stack is not None and not self.training:  # post hoc, fitted on validation
             logits = self.group_stack(logits, out.aux_logits, batch["group"])
         return ModelOutput(logits, out.features, out.aux_logits, z)
-
-    def on_selected(
-        self,
-        preds: Any,
-        groups: np.ndarray | None = None,
-        train_preds: Any | None = None,
-        train_groups: np.ndarray | None = None,
-    ) -> dict[str, Any]:
-        if self.group_stack is None:
-            return {}
-        return fit_stacking(self.group_stack, self.params, preds, groups, train_preds, train_groups)

@@ -295,6 +295,30 @@ def fit_stacking(
     }
 
 
+class GroupStackingHook:
+    """`on_selected` of a method that offers `group_fusion: stacking` (mixed in before
+    `Method`; the method sets `group_stack` in setup and has `GroupFusionParams`): fit each
+    group's recombination of the fused and modality margins on the selected checkpoint's
+    validation predictions (with `stacking_data: train+validation` its training ones too; made
+    before any fit: the stacking is the identity until now). Fits once: when the loaded state
+    already holds a fit (a run resumed after the trainer re-saved best.pt), `preds` are
+    stacked ones and the fit is kept."""
+
+    group_stack: GroupStacking | None
+    params: Any  # GroupFusionParams
+
+    def on_selected(
+        self,
+        preds: Any,
+        groups: np.ndarray | None = None,
+        train_preds: Any | None = None,
+        train_groups: np.ndarray | None = None,
+    ) -> dict[str, Any]:
+        if self.group_stack is None:
+            return {}
+        return fit_stacking(self.group_stack, self.params, preds, groups, train_preds, train_groups)
+
+
 def _margins(preds: Any, modalities: Sequence[str]) -> np.ndarray:
     """(N, 1 + M): the fused margin, then each modality head's."""
     return np.stack([logit(preds.score)] + [logit(preds.aux_scores[m]) for m in modalities], axis=1)

@@ -87,8 +87,8 @@ from multifair.methods.estimators import require_model, unimodal_logits
 from multifair.methods.group_fusion import (
     GroupFusionParams,
     GroupStacking,
+    GroupStackingHook,
     build_stacking,
-    fit_stacking,
 )
 from multifair.methods.signals import (
     binary_auc,
@@ -221,7 +221,7 @@ def group_gap_loss(
 
 
 @METHODS.register("multifair_adam")
-class MultiFairAdam(Method):
+class MultiFairAdam(GroupStackingHook, Method):
     """Level-based modality balance on per-encoder learning rates (+ optional fused gap loss)."""
 
     Params = MultiFairAdamParams
@@ -364,22 +364,6 @@ class MultiFairAdam(Method):
         if self.params.group_weights == "validation":
             stats.update(self._update_group_weights(preds, groups))
         return stats
-
-    def on_selected(
-        self,
-        preds: Any,
-        groups: np.ndarray | None = None,
-        train_preds: Any | None = None,
-        train_groups: np.ndarray | None = None,
-    ) -> dict[str, Any]:
-        """`group_fusion: stacking`: fit each group's recombination of the fused and modality
-        margins on the selected checkpoint's validation predictions (and with `stacking_data:
-        train+validation` its training ones; made before any fit: the stacking is the identity
-        until now). Fits once: when the loaded state already holds a fit (a run resumed after
-        the trainer re-saved best.pt), `preds` are stacked ones and the fit is kept."""
-        if self.group_stack is None:
-            return {}
-        return fit_stacking(self.group_stack, self.params, preds, groups, train_preds, train_groups)
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
