@@ -312,6 +312,11 @@ def test_on_selected_with_training_predictions_uses_them_only_when_asked():
         _method("stacking", n_groups=2, stacking_data="train+validation")[0].on_selected(
             preds, groups, train, None
         )
+    # a resumed run's best.pt holds the fit: no training pass is asked for, and none is needed
+    resumed, _ = _method("stacking", n_groups=2, stacking_data="train+validation")
+    resumed.load_state_dict(pooled.state_dict())
+    assert not resumed.fits_on_train
+    assert resumed.on_selected(preds, groups) == fit
 
 
 @pytest.mark.parametrize("name", ["multifair_adam", "fin"])

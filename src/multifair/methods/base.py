@@ -103,7 +103,8 @@ class Method(nn.Module):
     # (`on_selected`) set this; the trainer then re-saves checkpoints/best.pt with the fit.
     fits_after_selection: bool = False
     # ... and those that also fit on the training split's predictions (made in eval mode, after
-    # selection) set this; they arrive as `on_selected`'s `train_preds` / `train_groups`.
+    # selection) set this (or a property: false once the loaded state holds the fit); they
+    # arrive as `on_selected`'s `train_preds` / `train_groups`.
     fits_on_train: bool = False
     # Methods that read per-modality step-size factors need one optimizer group per encoder
     # (the trainer always builds them; this flag only documents the intent).

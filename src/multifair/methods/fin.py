@@ -79,7 +79,6 @@ class FIN(GroupStackingHook, Method):
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
         self.group_stack: GroupStacking | None = None
         self.fits_after_selection = params.group_fusion == "stacking"
-        self.fits_on_train = params.fits_on_train
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)

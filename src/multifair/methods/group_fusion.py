@@ -257,9 +257,13 @@ def fit_stacking(
     training split's too (`fit_group_stacking_pooled`). Fits once: a state that already holds
     a fit - a resumed run's best.pt - keeps it; its predictions are stacked ones. Returns the
     fit per group for metrics.json (`None`: kept at the shared model)."""
-    if groups is None or (params.fits_on_train and (train_preds is None or train_groups is None)):
-        raise ValueError("group_fusion: stacking needs each fitted split's predictions and groups")
     if not bool(stack.fitted.any()):
+        if groups is None or (
+            params.fits_on_train and (train_preds is None or train_groups is None)
+        ):
+            raise ValueError(
+                "group_fusion: stacking needs each fitted split's predictions and groups"
+            )
         n_groups, prior = stack.weight.shape[0], params.stacking_prior
         x = _margins(preds, stack.modalities)
         if not params.fits_on_train:
@@ -306,6 +310,13 @@ class GroupStackingHook:
 
     group_stack: GroupStacking | None
     params: Any  # GroupFusionParams
+
+    @property
+    def fits_on_train(self) -> bool:
+        """Whether `on_selected` needs the training split's predictions: with `stacking_data:
+        train+validation`, until a fit is held (a resumed run's best.pt skips that pass)."""
+        stack = self.group_stack
+        return self.params.fits_on_train and not (stack is not None and bool(stack.fitted.any()))
 
     def on_selected(
         self,

@@ -252,7 +252,6 @@ class MultiFairAdam(GroupStackingHook, Method):
         self.group_stack: GroupStacking | None = None
         self.uses_attribute_at_test = params.group_fusion != "off"
         self.fits_after_selection = params.group_fusion == "stacking"
-        self.fits_on_train = params.fits_on_train
 
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion == "stacking":
