@@ -421,6 +421,28 @@ def test_modality_block_shows_head_auc_lr_factor_and_update_relative_to_referenc
     assert "relative to erm" in notes[0]
 
 
+def test_modality_block_compares_the_reference_heads_with_single_modality_rows(
+    tmp_path, make_run_dir
+):
+    """A single-modality row (one finite head) is set against the reference row's head of that
+    modality: B's joint head 0.60 against 0.65 alone reads -0.050; A has no such row."""
+    _, out_dir = populate(tmp_path, make_run_dir)
+    for record in bm.collect(out_dir).finished:
+        run_dir, label = record.run.run_dir, record.run.label
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        heads = {"erm": {"A": 0.9, "B": 0.60}, "fin": {"A": 0.9, "B": 0.7}, "oct only": {"B": 0.65}}
+        metrics["aux_auc"] = {"test": heads[label]}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
+    _, _, _, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    assert "erm's heads against the single-modality models: B 0.600 against oct only 0.650 (-0.050)." in notes[1]  # fmt: skip
+    assert "A 0.900" not in notes[1]  # no single-modality row for A
+    # against another reference, that row's heads
+    (table,) = bt.build_tables(bm.collect(out_dir, reference="fin"), n_boot=0)
+    _, _, _, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    assert "fin's heads against the single-modality models: B 0.700 against oct only 0.650 (+0.050)" in notes[1]  # fmt: skip
+
+
 def test_more_parallel_runs_than_cores_is_a_warning():
     assert bm.oversubscribed(2, 1, cores=2) is None
     assert bm.oversubscribed(0, 8, cores=2) is None  # nothing left to run

@@ -509,7 +509,35 @@ def _modality_block(
         "lr factor: the method's mean step-size factor over the logged steps (- = none set); "
         f"update: the encoder's mean update norm per step relative to {table.reference or '-'}"
     ]
+    if reference is not None and not reference.reference_only:
+        notes += _head_vs_alone(reference, ordered, modalities)
     return "modalities: what each encoder learned, and how fast it moved", header, rows, notes
+
+
+def _head_vs_alone(reference: Row, ordered: Sequence[Row], modalities: Sequence[str]) -> list[str]:
+    """The reference row's heads against the single-modality rows (one finite head each): a
+    head well below its single-modality model is a modality the joint model under-learns."""
+    pairs = []
+    for m in modalities:
+        joint = reference.mean.get(f"head_auc/{m}", math.nan)
+        for row in ordered:
+            heads = [
+                k for k, v in row.mean.items() if k.startswith("head_auc/") and math.isfinite(v)
+            ]
+            if row.reference_only and heads == [f"head_auc/{m}"] and math.isfinite(joint):
+                alone = row.mean[f"head_auc/{m}"]
+                pairs.append(
+                    f"{m} {joint:.3f} against {row.variant} {alone:.3f} ({joint - alone:+.3f})"
+                )
+                break
+    if not pairs:
+        return []
+    return [
+        f"{reference.variant}'s heads against the single-modality models: {'; '.join(pairs)}. A "
+        "head well below its single-modality model is a modality the joint model under-learns "
+        "(give it its own loss: `unimodal_weight: 1`); a single-modality model well below the "
+        "best achievable points at the encoder"
+    ]
 
 
 def _stacking_block(
