@@ -620,6 +620,7 @@ def execute(
     *,
     workers: int | None = None,
     echo: Callable[[str], None] = print,
+    on_done: Callable[[RunOutcome], None] | None = None,
 ) -> list[RunOutcome]:
     """Run every unfinished run as a subprocess, up to `workers` at a time.
 
@@ -629,6 +630,7 @@ def execute(
     Runs start seed by seed (every method's first seed, then every method's second, ...), so a
     benchmark stopped part-way leaves whole seeds that pair across methods.
     On Ctrl-C or SIGTERM the running children are terminated before this returns.
+    `on_done` is called with each finished or failed run's outcome (a progress bar).
     """
     workers = workers or cfg.workers
     threads = cfg.threads_per_run or max(1, (os.cpu_count() or 1) // workers)
@@ -688,6 +690,8 @@ def execute(
                     stderr.close()
                     del active[proc]
                     outcomes.append(_finish(run, proc.returncode, elapsed, out_dir, echo))
+                    if on_done is not None:
+                        on_done(outcomes[-1])
         finally:
             # Ctrl-C / SIGTERM / a bug: never leave training processes running behind us.
             _stop(list(active))
