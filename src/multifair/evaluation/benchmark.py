@@ -37,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from multifair.config import deep_merge, load_yaml, validate
 from multifair.errors import UserError
+from multifair.evaluation import launch
+from multifair.evaluation.launch import Launcher
 
 # Keys of the training config the benchmark sets for every run (docs/architecture.md).
 SEED_KEY = "train.seed"
@@ -176,6 +178,8 @@ class BenchmarkConfig(_Strict):
     threads_per_run: int | None = Field(default=None, ge=1)  # default: cores // workers
     timeout_s: float | None = Field(default=None, gt=0)  # per run
     n_boot: int = Field(default=1000, ge=0)  # bootstrap resamples of the pooled predictions
+    # how each run starts: a fresh interpreter, or forked from one that imported torch once
+    launcher: Launcher = "subprocess"
 
     @model_validator(mode="after")
     def _check_matrix(self) -> BenchmarkConfig:
@@ -566,7 +570,8 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def _stop(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+def _stop(processes: Sequence[Any]) -> None:
+    """Terminate, then kill after 10 s, each running process (Popen or a preloaded run)."""
     for proc in processes:
         if proc.poll() is None:
             proc.terminate()
@@ -619,6 +624,7 @@ def execute(
     out_dir: Path,
     *,
     workers: int | None = None,
+    launcher: Launcher | None = None,
     echo: Callable[[str], None] = print,
     on_done: Callable[[RunOutcome], None] | None = None,
 ) -> list[RunOutcome]:
@@ -630,6 +636,7 @@ def execute(
     Runs start seed by seed (every method's first seed, then every method's second, ...), so a
     benchmark stopped part-way leaves whole seeds that pair across methods.
     On Ctrl-C or SIGTERM the running children are terminated before this returns.
+    `launcher` (default: the config's) says how a run starts (`multifair.evaluation.launch`).
     `on_done` is called with each finished or failed run's outcome (a progress bar).
     """
     workers = workers or cfg.workers
@@ -659,7 +666,8 @@ def execute(
             + ", ".join(r.run_id for r in stale[:10])
             + (" ..." if len(stale) > 10 else "")
         )
-    active: dict[subprocess.Popen[bytes], tuple[RunSpec, float, Any, Any]] = {}
+    launcher = launcher or cfg.launcher
+    active: dict[Any, tuple[RunSpec, float, Any, Any]] = {}
     started = 0
     with _sigterm_as_exception():
         try:
@@ -673,7 +681,7 @@ def execute(
                     status_path.unlink(missing_ok=True)
                     stdout = out_path.open("wb")
                     stderr = err_path.open("wb")
-                    proc = subprocess.Popen(run.command(), stdout=stdout, stderr=stderr, env=env)
+                    proc = launch.start(launcher, run.command(), stdout, stderr, env, threads)
                     started += 1
                     echo(f"[{started}/{total}] start {run.run_id}")
                     active[proc] = (run, time.monotonic(), stdout, stderr)

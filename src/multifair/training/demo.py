@@ -183,6 +183,7 @@ def demo_benchmark(
         "workers": workers,
         "threads_per_run": 1,
         "n_boot": 200,
+        "launcher": "preloaded",
         "methods": methods,
     }
     return validate(BenchmarkConfig, spec, source="multifair demo")
