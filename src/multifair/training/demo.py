@@ -83,8 +83,7 @@ def default_cache() -> Path:
 
 def ensure_data(cache: Path, knobs: Mapping[str, Any] = DEMO_KNOBS) -> tuple[Path, dict[str, Any]]:
     """Generate the demo dataset (once) and its uint8 cache; return (root, synth_meta)."""
-    from multifair.data import DataConfig
-    from multifair.data.cache import prepare_cache
+    from multifair.data import DataConfig, prepare_cache
     from multifair.data.synthetic import SynthKnobs, generate
 
     knobs = SynthKnobs(**knobs)
