@@ -116,6 +116,7 @@ def prepare_cache(
 
     The format's reader locates and scans the npz files and hands the cache writer records and
     pixels (`subjects.SubjectSource`); the cache itself knows no format."""
+    from multifair.console import bars_enabled
     from multifair.data.cache import write_cache
     from multifair.data.subjects import SubjectSource
 
@@ -129,4 +130,4 @@ def prepare_cache(
             "(the cache is for fairvision/fairvlmed npz trees)"
         )
     source = SubjectSource(cfg, inputs(cfg, splits))
-    return write_cache(source, cfg, cache_base, splits, workers, progress)
+    return write_cache(source, cfg, cache_base, splits, workers, bars_enabled(progress))

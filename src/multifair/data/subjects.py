@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from multifair.console import bars_enabled
 from multifair.data.bundle import (
     CollatedSamples,
     DataBundle,
@@ -203,7 +204,7 @@ def scan_split(
     codes: dict[str, list[int]] = {a: [] for a in attributes}
     stored: dict[str, tuple[list[int], str]] = {}
     show = len(files) >= 2000 and log.isEnabledFor(logging.INFO)
-    for path in tqdm(files, desc=desc, disable=not show, leave=False):
+    for path in tqdm(files, desc=desc, disable=not bars_enabled(show), leave=False):
         try:
             info = scan_file(path, fmt, cfg.label_key, attributes, modalities, read_note)
         except BadFile as exc:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from multifair.console import bars_enabled
 from multifair.errors import UserError
 from multifair.methods.base import LossOutput, Method, StepContext, build_method
 from multifair.training import checkpoint, distributed, run
@@ -418,6 +419,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             f"{modalities}, {steps_per_epoch} steps x {tc.epochs} epochs on {device}"
             f"{f' x{env.world_size}' if env.distributed else ''}"
             f"{f', amp {amp_dtype}' if amp_dtype else ''} -> {run_dir}",
+            flush=True,
         )
 
     try:
@@ -520,7 +522,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             history.append(record)
             logger.log(record)
             if env.is_main:
-                print(_epoch_line(record, tc.select_by))
+                print(_epoch_line(record, tc.select_by), flush=True)  # a log file sees it now
             rng = distributed.all_gather_objects(checkpoint.rng_state(), env)
             if env.is_main:
                 checkpoint.save_atomic(
@@ -719,7 +721,9 @@ class _NoBar:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    # a bar only on a terminal: in a log file its redraws are '\r' frames, and the epoch line
+    # printed after it is the log
+    if not bars_enabled(enabled):
         return _NoBar()
     from tqdm.auto import tqdm
 
