@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from multifair.data import DataConfig, build_data, make_loader
+from multifair.data import DataConfig, build_data, make_loader, prepare_cache
 from multifair.data.bundle import batch_tensor
-from multifair.data.cache import prepare_cache
 from multifair.data.synthetic import SynthKnobs, generate
 from multifair.data.transforms import released_preprocess_numpy
 

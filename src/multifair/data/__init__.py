@@ -64,6 +64,7 @@ __all__ = [
     "build_data",
     "load_data_config",
     "make_loader",
+    "prepare_cache",
 ]
 
 
@@ -101,3 +102,32 @@ def build_data(
     from multifair.data import fairvlmed
 
     return fairvlmed.build(cfg, splits)
+
+
+def prepare_cache(
+    cfg: DataConfig,
+    cache_base: Any = None,
+    splits: Sequence[str] = SPLITS,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write (or resume) the uint8 cache of a FairVision / FairVLMed tree (`multifair data
+    prepare`); returns a summary {directory, splits: {...}, seconds, bytes}.
+
+    The format's reader locates and scans the npz files and hands the cache writer records and
+    pixels (`subjects.SubjectSource`); the cache itself knows no format."""
+    from multifair.console import bars_enabled
+    from multifair.data.cache import write_cache
+    from multifair.data.subjects import SubjectSource
+
+    if cfg.kind == "fairvision":
+        from multifair.data.fairvision import inputs
+    elif cfg.kind == "fairvlmed":
+        from multifair.data.fairvlmed import inputs
+    else:
+        raise UserError(
+            "data prepare: kind table is read into memory once and needs no cache "
+            "(the cache is for fairvision/fairvlmed npz trees)"
+        )
+    source = SubjectSource(cfg, inputs(cfg, splits))
+    return write_cache(source, cfg, cache_base, splits, workers, bars_enabled(progress))

@@ -215,7 +215,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from multifair.data.cache import prepare_cache
+    from multifair.data import prepare_cache
     from multifair.data.config import DataConfig, load_data_config
     from multifair.data.inspect import detect_kind
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_report as br
 from multifair.evaluation import benchmark_tables as bt
 
 
@@ -144,7 +145,7 @@ def _summarise(
     from multifair.evaluation.report import write_report
 
     tables = bt.build_tables(collection, n_boot=args.n_boot)
-    bt.print_tables(tables)
+    br.print_tables(tables)
     parts = []
     if pooled:
         parts.append("with_" + "_".join(bm.safe_name(name) for name in pooled))
@@ -154,8 +155,8 @@ def _summarise(
         parts.append(f"vs_{bm.safe_name(args.reference)}")
     tag = "_".join(parts) or None
     results_dir = collection.out_dir / "results" / tag if tag else None
-    paths = bt.write_results(tables, collection, results_dir)
-    print(f"{bt.status_line(collection)}", file=sys.stderr)
+    paths = br.write_results(tables, collection, results_dir)
+    print(f"{br.status_line(collection)}", file=sys.stderr)
     for run, err in collection.failed:
         print(f"FAILED {run.run_id}:\n{bm.indent(err)}", file=sys.stderr)
     print(f"tables: {paths['markdown']}, {paths['csv']}, {paths['json']}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -96,9 +97,11 @@ def _child(args: list[str], stdout: str, stderr: str, threads: int) -> None:
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[key] = str(threads)
     torch.set_num_threads(threads)
-    from multifair.cli import main
-
-    code = main(args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)
+    # run the package as a program, as `python -m multifair ARGS` does (its SystemExit is the
+    # child's exit status); the server has already imported what it needs
+    sys.argv = ["multifair", *args]
+    try:
+        runpy.run_module("multifair", run_name="__main__", alter_sys=True)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()

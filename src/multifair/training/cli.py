@@ -178,8 +178,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from multifair.training.demo import DEMO_KNOBS, DEMO_SEEDS
-    from multifair.training.demo import run_demo as demo
+    from multifair.evaluation.demo import DEMO_KNOBS, DEMO_SEEDS
+    from multifair.evaluation.demo import run_demo as demo
 
     if args.subjects is not None and args.subjects < 100:
         raise UserError(

@@ -13,7 +13,7 @@ from multifair.cli import main
 from multifair.config import load_yaml
 from multifair.evaluation import benchmark as bm
 from multifair.evaluation.benchmark_tables import Paired, Row
-from multifair.training.demo import (
+from multifair.evaluation.demo import (
     DEMO_CONFIG,
     DEMO_KNOBS,
     GROUP_AWARE,

@@ -130,8 +130,7 @@ def ensure_data(cache: Path, knobs: Mapping[str, Any] = DEMO_KNOBS) -> tuple[Pat
     (root, synth_meta)."""
     import json
 
-    from multifair.data import DataConfig
-    from multifair.data.cache import prepare_cache
+    from multifair.data import DataConfig, prepare_cache
     from multifair.data.synthetic import SynthKnobs, generate
 
     knobs = SynthKnobs(**knobs)
@@ -201,6 +200,7 @@ def run_demo(
     comparison and write the HTML report. `overrides` apply to every run (e.g.
     train.epochs=2); `knobs` change the generated data (tests use fewer subjects)."""
     from multifair.evaluation import benchmark as bm
+    from multifair.evaluation import benchmark_report as br
     from multifair.evaluation import benchmark_tables as bt
     from multifair.evaluation.report import write_report
 
@@ -229,7 +229,7 @@ def run_demo(
     if not tables:
         print("no run finished; see the logs above", file=sys.stderr)
         return 1
-    bt.write_results(tables, collection)
+    br.write_results(tables, collection)
     report = write_report(Path(cfg.output), collection=collection, tables=tables)
     print(f"\n3/3 results (test split, {_test_size(collection)} patients)\n")
     print(comparison_table(tables[0], len(cfg.seeds)))
