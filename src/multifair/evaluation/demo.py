@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -114,6 +115,7 @@ ROWS: list[tuple[str, dict[str, Any], str]] = [
     ),
 ]
 MODALITIES = ("fundus", "oct")
+NAME = 32  # width of the method column
 HEAD_TOLERANCE = 0.02  # a fused model's head this close to its single-modality model: learnt
 
 
@@ -219,6 +221,9 @@ def run_demo(
     )
     runs = bm.plan(cfg, Path(cfg.output))
     bm.write_manifest(cfg, Path(cfg.output))
+    # runs finished with other settings (other overrides, an older demo) are trained again
+    for run in bm.stale_runs(Path(cfg.output), runs):
+        shutil.rmtree(run.run_dir)
     print(
         f"\n2/3 training {len(cfg.methods)} models x {len(cfg.seeds)} seeds "
         f"({cfg.workers} at a time; logs in {out_dir / 'logs'})"
@@ -278,28 +283,31 @@ def comparison_table(table: Any, n_seeds: int) -> str:
     rows = {row.label: row for row in table.rows}
     groups = list(table.groups)
     lines = _modality_lines(rows)
-    head = f"  {'method':<28}{'AUC':>7}{'ES-AUC':>8}" + "".join(f"{g[:7]:>8}" for g in groups)
-    head += f"   {'ΔAUC vs erm':<24}{'ΔES-AUC vs erm':<24}"
+    head = f"  {'method':<{NAME}}{'AUC':>7}{'ES-AUC':>8}" + "".join(f"{g[:7]:>8}" for g in groups)
+    head += f"   {'ΔAUC vs erm':<24}   {'ΔES-AUC vs erm'}"
     lines += ["", f"  mean of {n_seeds} seeds; Δ: paired difference to erm, 95% CI over seeds", ""]
-    lines += [head, "  " + "-" * (len(head) - 2)]
+    lines += [head, ""]  # the rule under the header: filled in once the rows are known
+    rule = len(lines) - 1
     for label, _, _ in ROWS:
         row = rows.get(label)
         if row is None:
-            lines.append(f"  {label:<28}  (no finished run)")
+            lines.append(f"  {label:<{NAME}}  (no finished run)")
             continue
         name = label + (" †" if row.uses_attribute_at_test else "")
         cells = f"{_num(row.mean.get('auc')):>7}{_num(row.mean.get('es_auc')):>8}"
         cells += "".join(f"{_num(row.mean.get(f'auc/{g}')):>8}" for g in groups)
         paired = ""
         if label != REFERENCE:
-            paired = "".join(f"   {_paired(row.paired.get(m)):<21}" for m in ("auc", "es_auc"))
-        lines.append(f"  {name:<28}{cells}{paired}")
+            paired = "   ".join(f"{_paired(row.paired.get(m)):<24}" for m in ("auc", "es_auc"))
+            paired = "   " + paired.rstrip()
+        lines.append(f"  {name:<{NAME}}{cells}{paired}")
+    lines[rule] = "  " + "-" * (max(len(line) for line in lines[rule + 1 :]) - 2)
     best = (table.best_achievable or {}).get("best achievable (all modalities)") or {}
     if best:
         cells = f"{_num(best.get('auc')):>7}{'':>8}" + "".join(
             f"{_num(best.get(f'auc/{g}')):>8}" for g in groups
         )
-        lines.append(f"  {'best possible (ideal observer)':<28}{cells}")
+        lines.append(f"  {'best possible (ideal observer)':<{NAME}}{cells}")
     lines += ["", "  What each row means:"]
     for label, method, what in ROWS:
         row = rows.get(label)
