@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from multifair.cli import main
@@ -153,14 +154,16 @@ def test_tiny_benchmark_killed_midway_then_resumed(tmp_path, capsys):
     assert run_html.count("data:image/png;base64,") == 6
 
 
-def test_a_failed_run_is_reported_with_its_stderr(tmp_path, capsys):
+@pytest.mark.parametrize("launcher", ["subprocess", "preloaded"])
+def test_a_failed_run_is_reported_with_its_stderr(tmp_path, capsys, launcher):
+    """Either launcher: the exit status, the stderr tail and the table's failed-runs list."""
     cfg = tiny_config(
         tmp_path,
         methods=[{"label": "bad", "method": {"name": "erm", "bogus": 1}}],
         seeds=[0],
         workers=1,
     )
-    assert main(["benchmark", str(cfg), "--no-report"]) == 1
+    assert main(["benchmark", str(cfg), "--no-report", "--launcher", launcher]) == 1
     err = capsys.readouterr().err
     assert "FAILED data/sex/bad/seed0 (exit 2)" in err
     assert "bogus" in err  # the tail of the run's stderr names the bad key
