@@ -75,7 +75,7 @@ def test_imbalance_point_estimates_are_sklearn_aucs_averaged_over_seeds():
     assert result["B"]["under_trained"] and not result["A"]["under_trained"]
 
 
-def test_imbalance_rule_needs_both_the_effect_and_the_interval():
+def test_imbalance_rule_needs_the_whole_interval_above_the_minimum_effect():
     # same signal: no lag
     assert not dg.modality_imbalance(scores_with(), n_boot=200)["B"]["under_trained"]
     # a lag below MIN_EFFECT is not flagged even when the interval excludes zero: B alone is
@@ -87,6 +87,11 @@ def test_imbalance_rule_needs_both_the_effect_and_the_interval():
     )
     result = dg.modality_imbalance(scores, n_boot=200)["B"]
     assert 0 < result["ci"][0] and result["alone_minus_head"] < dg.MIN_EFFECT
+    assert not result["under_trained"]
+    # a lag above MIN_EFFECT whose interval reaches below it: not flagged
+    scores = scores_with(head_d=1.0, alone_d=1.2, seed=1)
+    result = dg.modality_imbalance(scores, n_boot=200)["B"]
+    assert 0 < result["ci"][0] < dg.MIN_EFFECT < result["alone_minus_head"]
     assert not result["under_trained"]
     # a large lag on few patients: the interval crosses zero, so not flagged
     small = dg.modality_imbalance(scores_with(n=30, seeds=1, head_d=0.8, alone_d=1.3, seed=4), n_boot=300)  # fmt: skip
@@ -272,3 +277,36 @@ def test_an_out_dir_trained_with_another_config_is_refused(tmp_path, capsys):
     assert diagnose(str(CONFIGS / "diabetes.yaml"), "--epochs", "1", "--out", out) == 0
     assert diagnose(str(CONFIGS / "diabetes.yaml"), "--epochs", "2", "--out", out) == 2
     assert "trained with a different config; use another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flavour", "config", "kinds"),
+    [
+        ("fairvision", CONFIGS / "demo.yaml", {"fundus": "image", "oct": "volume"}),
+        (
+            "fairvlmed",
+            CONFIGS / "benchmarks" / "fairvlmed_recipe.yaml",
+            {"fundus": "image", "note": "text"},
+        ),
+    ],
+)
+def test_diagnose_reads_fairvision_and_fairvlmed_configs(flavour, config, kinds, tmp_path, capsys):
+    """The image and text paths on tiny generated trees (one epoch: the plumbing, not the
+    answer). The configs write test predictions only; diagnose adds validation's."""
+    from multifair.data.synthetic import SynthKnobs, generate
+
+    root = tmp_path / flavour
+    knobs = {"n": 120, "fundus_shape": [16, 16], "split": [0.5, 0.25, 0.25], "group_mix": [0.3, 0.3, 0.4]}  # fmt: skip
+    if flavour == "fairvision":
+        knobs["oct_shape"] = [4, 16, 16]
+    generate(SynthKnobs(flavour=flavour, **knobs), root, progress=False)
+    out = tmp_path / "diag"
+    args = [str(config), f"data.root={root}", "data.image_size=16", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    if flavour == "fairvision":
+        args.insert(3, "data.oct_slices=4")
+    assert diagnose(*args) == 0
+    assert "(c) recommendation" in capsys.readouterr().out
+    diagnosis = json.loads((out / "diagnosis.json").read_text())
+    assert diagnosis["kind"] == flavour and diagnosis["modalities"] == kinds
+    assert set(diagnosis["splits"]["val"]["modalities"]) == set(kinds)
+    assert "race" in diagnosis["splits"]["val"]["groups"]
