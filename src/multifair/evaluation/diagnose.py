@@ -172,10 +172,9 @@ def group_gap(
     p_value = (1 + int(np.sum(null_gap >= gap - 1e-12))) / (1 + len(null_gap))
     floor = float(np.median(null_gap))
     level = ALPHA / max(1, n_tests)
-    for entry in groups:
-        if entry["code"] in compared:
-            k = compared.index(entry["code"])
-            entry["auc"], entry["ci"] = float(point[k]), _ci(boot[:, k])
+    by_code = {entry["code"]: entry for entry in groups}
+    for k, code in enumerate(compared):
+        by_code[code]["auc"], by_code[code]["ci"] = float(point[k]), _ci(boot[:, k])
     result.update(
         gap=gap,
         gap_ci=_ci(_gap(boot)),
@@ -183,9 +182,7 @@ def group_gap(
         noise_q=float(np.quantile(null_gap, 1.0 - level)),
         p_value=p_value,
         level=level,
-        worst_group=groups[[g["code"] for g in groups].index(compared[int(point.argmin())])][
-            "name"
-        ],
+        worst_group=by_code[compared[int(point.argmin())]]["name"],
         above_noise=bool(gap - floor > MIN_EFFECT and p_value < level),
     )
     return result
