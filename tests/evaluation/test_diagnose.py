@@ -349,3 +349,27 @@ def test_diagnose_tells_the_hard_scenario_from_the_neutral_twin(scenario, order,
     else:
         assert lagging == [] and gaps == [] and diagnosis["recommendation"]["kind"] == "none"
         assert "plain joint training (`erm`) is fine here" in capsys.readouterr().out
+
+
+def test_report_says_which_verdict_each_modality_got():
+    """A clear lag, a lag whose interval reaches below MIN_EFFECT, and none, as printed."""
+    scores = scores_with(head_d=1.0, alone_d=1.2, seed=1)  # B: CI (0, MIN_EFFECT) at the bottom
+    split = dg.diagnose_split(scores, n_boot=200, n_perm=100)
+    split["modalities"]["C"] = {**split["modalities"]["B"], "under_trained": True}
+    rec = dg.recommend(split["modalities"], split["groups"], train_attribute="sex", image_encoders=False)  # fmt: skip
+    report = dg.format_report(
+        {
+            "splits": {"val": split},
+            "train_attribute": "sex",
+            "recommendation": {
+                "lines": [[w, f"method: {dg.flow(b)}"] for w, b in rec.lines],
+                "why": rec.why,
+                "attribute": rec.attribute,
+            },
+        }
+    )
+    rows = {line.split()[0]: line for line in report.splitlines() if line.startswith("  ") and line.split()[0] in "ABC"}  # fmt: skip
+    assert rows["A"].endswith("learnt")
+    assert rows["B"].endswith("slightly behind (CI reaches below 0.02)")
+    assert rows["C"].endswith("UNDER-TRAINED")
+    assert "method: {name: multifair_adam, unimodal_weight: 1}" in report

@@ -375,7 +375,13 @@ def format_report(diagnosis: Mapping[str, Any]) -> str:
         )
     for m, r in val["modalities"].items():
         t = (test or {}).get("modalities", {}).get(m, {})
-        verdict = "UNDER-TRAINED" if r["under_trained"] else "learnt"
+        verdict = (
+            "UNDER-TRAINED"
+            if r["under_trained"]
+            else "slightly behind (CI reaches below 0.02)"
+            if r["ci"][0] > 0
+            else "learnt"
+        )
         lines.append(
             f"  {m:<12} {_f(r['head_auc']):>6} {_f(r['alone_auc']):>6} "
             f"{_f(r['alone_minus_head'], True):>7} {_interval(r['ci'], True):>20}"

@@ -315,7 +315,9 @@ def commands(
     words = ["multifair", "train", config, *overrides]
     if rec.attribute is not None and rec.attribute != train_attribute:
         words.append(f"data.attribute={rec.attribute}")
-    lines.append("train it" + (f" (with the data section of {data} in CONFIG):" if data else ":"))
+    lines.append(
+        "train it" + (f" (first copy the data section of {data} into CONFIG):" if data else ":")
+    )
     for _, block in rec.lines:
         method = "method.name=erm" if block is None else f"method={dg.flow(block)}"
         lines.append("  " + " ".join(_shell(w) for w in [*words, method]))
