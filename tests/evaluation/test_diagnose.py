@@ -346,6 +346,12 @@ def test_diagnose_tells_the_hard_scenario_from_the_neutral_twin(scenario, order,
         assert gaps == ["race"]  # the hard scenario's minorities lag too: both failures
         assert diagnosis["recommendation"]["kind"] == "both"
         assert "method: {name: multifair_adam, unimodal_weight: 1}" in capsys.readouterr().out
+        # confirm.yaml is a benchmark config of erm against the recommended rows
+        from multifair.evaluation.benchmark import load_benchmark
+
+        bench, _ = load_benchmark(out / "confirm.yaml")
+        assert [m.label for m in bench.methods] == ["erm", "multifair_adam +unimodal", "multifair_adam +unimodal stacking train+val", "A only", "B only"]  # fmt: skip
+        assert bench.attributes == ["race"] and Path(bench.output).is_absolute()
     else:
         assert lagging == [] and gaps == [] and diagnosis["recommendation"]["kind"] == "none"
         assert "plain joint training (`erm`) is fine here" in capsys.readouterr().out

@@ -10,8 +10,8 @@ difference between two runs is paired patient by patient (`metrics.weighted_auc`
 The rules (docs/diagnose.md), decided on the validation split:
 
 - (a) modality M is **under-trained** when the whole 95% CI of `alone - head` lies above
-  MIN_EFFECT (a lag of at least 0.02 AUC, with confidence: a lag of 0.01 to 0.02 is what the
-  neutral synthetic twin shows, and a modality's own loss buys nothing there). `head` is erm's auxiliary head of M (a linear probe on
+  MIN_EFFECT (a lag of at least 0.02 AUC, with confidence: the neutral synthetic twin shows
+  lags of 0.01 to 0.03, and a modality's own loss buys nothing there). `head` is erm's auxiliary head of M (a linear probe on
   erm's detached M features: what joint training made M's encoder extract), `alone` the
   `unimodal` model of M (the same encoder trained on M only).
 - (b) an attribute's group gap (largest minus smallest group AUC of erm) is **above noise**

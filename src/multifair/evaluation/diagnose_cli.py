@@ -282,7 +282,7 @@ def confirm_config(
     cfg: dict[str, Any] = {
         "name": f"{out.name}-confirm",
         "base": str(Path(config).resolve()),
-        "output": str(out / "confirm"),
+        "output": str((out / "confirm").resolve()),
         "overrides": overrides,
         "attributes": [rec.attribute or train_attribute],
         "seeds": CONFIRM_SEEDS,
