@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "multifair.data.cli",
     "multifair.evaluation.audit",
     "multifair.evaluation.benchmark_cli",
+    "multifair.evaluation.diagnose_cli",
 ]
 
 

@@ -17,7 +17,9 @@ from multifair.metrics import (
     bootstrap_metrics,
     disaggregate,
     percentile_interval,
+    resample_counts,
     summarize,
+    weighted_auc,
 )
 
 SCALARS = (
@@ -178,3 +180,24 @@ def test_thousand_resamples_of_three_thousand_take_seconds_not_minutes():
     out = bootstrap_metrics(y, s, sensitive_features={"race": g}, n_boot=1000, seed=0)
     assert time.perf_counter() - start < 10.0
     assert out["attributes"]["race"]["es_auc"].shape == (1000,)
+
+
+def test_weighted_auc_is_sklearns_weighted_auc_per_row():
+    """Bootstrap counts (with ties in the scores) and 0/1 subsets, against sklearn's
+    sample_weight; a row that weights one class only is NaN."""
+    rng = np.random.default_rng(3)
+    n = 120
+    y = rng.integers(0, 2, n)
+    s = np.round(rng.random(n), 1)  # ties
+    counts = resample_counts(bootstrap_indices(n, 20, seed=1), n)
+    subsets = (rng.random((5, n)) < 0.3).astype(float)
+    weights = np.concatenate([counts, subsets, (y == 1)[None, :].astype(float)])
+    got = weighted_auc(y, s, weights)
+    assert got.shape == (26,) and np.isnan(got[-1])
+    for row, value in zip(weights[:-1], got[:-1]):
+        assert value == pytest.approx(roc_auc_score(y, s, sample_weight=row), abs=1e-12)
+    # the same replicates as bootstrap_metrics' overall AUC (same indices)
+    reps = bootstrap_metrics(y, s, sensitive_features={}, n_boot=20, seed=1)["overall"]["auc"]
+    np.testing.assert_allclose(got[:20], reps, atol=1e-12)
+    with pytest.raises(UserError, match="weights: expected shape"):
+        weighted_auc(y, s, np.ones(n))

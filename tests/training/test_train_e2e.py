@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from multifair.cli import main
 from multifair.metrics import summarize
@@ -72,7 +73,11 @@ def test_test_metrics_are_the_summary_of_the_written_predictions(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     frame = pd.read_csv(trained / "predictions_test.csv")
     assert frame["sample_id"].is_unique and set(frame["split"]) == {"test"}
-    assert list(frame.columns) == ["sample_id", "split", "label", "score", "sex", "sex_name", "age", "age_name"]  # fmt: skip
+    assert list(frame.columns) == ["sample_id", "split", "label", "score", "sex", "sex_name", "age", "age_name", "aux_score_vitals", "aux_score_serum"]  # fmt: skip
+    # the auxiliary heads' scores are those metrics.json's aux_auc was computed from
+    for m in ("vitals", "serum"):
+        auc = roc_auc_score(frame["label"], frame[f"aux_score_{m}"])
+        assert auc == pytest.approx(metrics["aux_auc"]["test"][m], abs=1e-6)
     oracle = summarize(
         frame["label"].to_numpy(), frame["score"].to_numpy(),
         sensitive_features={"sex": frame["sex"].to_numpy(), "age": frame["age"].to_numpy()},

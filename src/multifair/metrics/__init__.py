@@ -2,7 +2,13 @@
 per-group selection rate / TPR / FPR), vectorised bootstrap CIs, the metrics summary and its
 table. Definitions and edge-case policies: `multifair.metrics.fairness` and docs/metrics.md."""
 
-from multifair.metrics.bootstrap import bootstrap_indices, bootstrap_metrics, percentile_interval
+from multifair.metrics.bootstrap import (
+    bootstrap_indices,
+    bootstrap_metrics,
+    percentile_interval,
+    resample_counts,
+    weighted_auc,
+)
 from multifair.metrics.fairness import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN,
@@ -46,8 +52,10 @@ __all__ = [
     "group_name",
     "intersect",
     "percentile_interval",
+    "resample_counts",
     "roc_auc",
     "selection_rate_by_group",
     "summarize",
     "true_positive_rate_by_group",
+    "weighted_auc",
 ]

@@ -36,7 +36,13 @@ from multifair.metrics.fairness import (
     spread,
 )
 
-__all__ = ["bootstrap_indices", "bootstrap_metrics", "percentile_interval"]
+__all__ = [
+    "bootstrap_indices",
+    "bootstrap_metrics",
+    "percentile_interval",
+    "resample_counts",
+    "weighted_auc",
+]
 
 # Rows of the counts matrix processed together: bounds memory at ~32 MB per (rows, n) array.
 _CHUNK_ELEMENTS = 1 << 22
@@ -93,11 +99,27 @@ class _SortedSubset:
             return np.where(pairs > 0, wins / pairs, np.nan)
 
 
-def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+def resample_counts(indices: np.ndarray, n: int) -> np.ndarray:
     """(r, n) index matrix -> (r, n) float64 multiplicity of each prediction in each resample."""
     r = indices.shape[0]
     flat = (indices + np.arange(r)[:, None] * n).ravel()
     return np.bincount(flat, minlength=r * n).reshape(r, n).astype(np.float64)
+
+
+def weighted_auc(y_true: object, y_score: object, weights: np.ndarray) -> np.ndarray:
+    """The AUC of `y_score` under each row of `weights` (r, n): sample i counted weights[r, i]
+    times (ties count one half). Rows of `resample_counts` give bootstrap replicates; 0/1 rows
+    give the AUC of a subset, e.g. a group under a permutation of the group labels. NaN where a
+    row weights a single class. Pairing: the same `weights` on two score vectors of the same
+    samples resample the same patients for both."""
+    y, s, _ = check_inputs(y_true, y_score)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != len(y):
+        raise UserError(f"weights: expected shape (r, {len(y)}), got {weights.shape}")
+    everyone = _SortedSubset(np.argsort(s, kind="stable"), s, y, np.ones(len(y), dtype=bool))
+    chunk = max(1, _CHUNK_ELEMENTS // len(y))
+    parts = [everyone.auc(weights[i : i + chunk]) for i in range(0, len(weights), chunk)]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 class _AttributePlan:
@@ -208,7 +230,7 @@ def bootstrap_metrics(
     parts_overall: list[dict[str, np.ndarray]] = []
     parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in plans}
     for start in range(0, indices.shape[0], chunk):
-        counts = _counts(indices[start : start + chunk], n)  # (r, n)
+        counts = resample_counts(indices[start : start + chunk], n)  # (r, n)
         everyone_auc = everyone.auc(counts)  # (r,)
         parts_overall.append({"auc": everyone_auc, "acc": counts @ correct / n})
         for name, plan in plans.items():

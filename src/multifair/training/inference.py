@@ -273,8 +273,13 @@ def val_record(
     }
 
 
+AUX_SCORE_PREFIX = "aux_score_"  # + modality: that modality's auxiliary head in predictions CSVs
+
+
 def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, Any]):
-    """`sample_id, split, label, score, <attribute>, <attribute>_name` (one row per sample)."""
+    """`sample_id, split, label, score, <attribute>, <attribute>_name, ..., aux_score_<modality>,
+    ...` (one row per sample). The auxiliary heads' scores are what `multifair diagnose`
+    compares with single-modality models, patient by patient."""
     import pandas as pd
 
     names = names_map(group_names)
@@ -290,6 +295,8 @@ def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, 
         cols[f"{attribute}_name"] = [
             "unknown" if c < 0 else lookup.get(int(c), str(int(c))) for c in codes
         ]
+    for modality, scores in preds.aux_scores.items():
+        cols[f"{AUX_SCORE_PREFIX}{modality}"] = scores
     return pd.DataFrame(cols)
 
 
