@@ -1,5 +1,5 @@
 """`multifair demo` end to end on a smaller generated dataset; its embedded settings equal
-configs/demo.yaml and its matrix equals configs/demo_benchmark.yaml."""
+configs/demo.yaml and its matrix equals configs/benchmarks/demo.yaml."""
 
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ def test_embedded_demo_settings_are_configs_demo_yaml():
     assert shipped == embedded
 
 
-def test_demo_matrix_is_configs_demo_benchmark_yaml(tmp_path):
+def test_demo_matrix_is_configs_benchmarks_demo_yaml(tmp_path):
     """Every row's training config, the seeds and the data knobs: the shipped benchmark file
     reproduces what `multifair demo` runs (apart from where the data and runs live)."""
-    shipped, _ = bm.load_benchmark(CONFIGS / "demo_benchmark.yaml")
+    shipped, _ = bm.load_benchmark(CONFIGS / "benchmarks" / "demo.yaml")
     embedded = demo_benchmark(tmp_path / "data", tmp_path / "runs", workers=2)
     assert [m.label for m in shipped.methods] == [m.label for m in embedded.methods]
     assert shipped.seeds == embedded.seeds and shipped.attributes == embedded.attributes

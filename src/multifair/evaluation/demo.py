@@ -15,9 +15,9 @@ table: per-group AUCs, paired differences to `erm` with their 95% intervals, and
 row saying what it means.
 
 `DEMO_CONFIG` is the training recipe (`configs/demo.yaml` holds the same settings, the base of
-the image benchmarks); `demo_benchmark` builds the comparison (`configs/demo_benchmark.yaml`
+the image benchmarks); `demo_benchmark` builds the comparison (`configs/benchmarks/demo.yaml`
 holds the same matrix; tests keep both equal), so `multifair benchmark
-configs/demo_benchmark.yaml` reproduces it.
+configs/benchmarks/demo.yaml` reproduces it.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def run_demo(
     print(f"tables: {out_dir / 'results' / 'results.md'}")
     print(
         f"done in {minutes:.1f} min. Next: `multifair diagnose CONFIG` on your own data "
-        "(docs/diagnose.md); the same comparison: `multifair benchmark configs/demo_benchmark.yaml`."
+        "(docs/diagnose.md); the same comparison: `multifair benchmark configs/benchmarks/demo.yaml`."
     )
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
