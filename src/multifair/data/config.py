@@ -7,10 +7,11 @@ kind are rejected when set (so a typo'd or misplaced key fails at load time, nam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from multifair.errors import UserError
 
@@ -230,12 +231,20 @@ class DataConfig(_Strict):
 
     @field_validator("missing_values")
     @classmethod
-    def _no_empty_sentinel(
-        cls, value: dict[str, list[str | int | float]]
+    def _check_missing_values(
+        cls, value: dict[str, list[str | int | float]], info: ValidationInfo
     ) -> dict[str, list[str | int | float]]:
         for column, sentinels in value.items():
             if any(isinstance(v, str) and not v.strip() for v in sentinels):
                 raise ValueError(f"{column}: an empty sentinel is already missing; remove it")
+        if "columns" in info.data and "attribute_columns" in info.data:  # both validated
+            known = _sentinel_columns(info.data)
+            unknown = sorted(set(value) - {"*"} - set(known))
+            if unknown:
+                raise ValueError(
+                    f"{unknown} are not feature or attribute columns of this config "
+                    f"(use '*' for all of them; columns: {known})"
+                )
         return value
 
     @model_validator(mode="after")
@@ -259,27 +268,27 @@ class DataConfig(_Strict):
                 raise ValueError("kind table needs `label` (a column name or {column, rule})")
             if not self.columns:
                 raise ValueError("kind table needs `columns` (modality name -> its columns)")
-            unknown = sorted(set(self.missing_values) - {"*"} - set(self.sentinel_columns()))
-            if unknown:
-                raise ValueError(
-                    f"missing_values: {unknown} are not feature or attribute columns of this "
-                    f"config (use '*' for all of them; columns: {self.sentinel_columns()})"
-                )
         if self.attributes is not None and not self.attributes:
             raise ValueError("attributes: give at least one attribute, or leave it out for all")
         return self
 
     def sentinel_columns(self) -> list[str]:
         """The table columns `missing_values` applies to: tabular features and attributes."""
-        columns = [c for m in self.columns.values() for c in m.columns]
-        for name in [self.attribute, *(self.attributes or []), *self.attribute_columns]:
-            spec = self.attribute_columns.get(name, name)
-            columns.append(spec if isinstance(spec, str) else spec.column)
-        return list(dict.fromkeys(columns))
+        return _sentinel_columns(self.__dict__)
 
     def label_spec(self) -> LabelSpec:
         assert self.label is not None
         return LabelSpec(column=self.label) if isinstance(self.label, str) else self.label
+
+
+def _sentinel_columns(fields: Mapping[str, Any]) -> list[str]:
+    """Tabular feature columns and attribute columns, from validated DataConfig fields."""
+    columns = [c for m in fields["columns"].values() for c in m.columns]
+    names = [fields["attribute"], *(fields.get("attributes") or []), *fields["attribute_columns"]]
+    for name in names:
+        spec = fields["attribute_columns"].get(name, name)
+        columns.append(spec if isinstance(spec, str) else spec.column)
+    return list(dict.fromkeys(columns))
 
 
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:

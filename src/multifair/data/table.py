@@ -830,8 +830,9 @@ def build(
     """Load, split, fit (on train, unless `state` brings a fitted transform) and wrap a table."""
     frame, file_splits, source, base = _frames(cfg, splits)
     frame, sentinels = apply_missing_values(frame, cfg)
-    for count in sentinels:
-        log.info("%s: %s", source, describe_sentinel(count))
+    if sentinels:
+        cells = sum(count["cells"] for count in sentinels)
+        log.info("%s: %d sentinel cell(s) treated as missing (data inspect lists them)", source, cells)  # fmt: skip
     label_spec = cfg.label_spec()
     order = list(cfg.columns) if cfg.modalities is None else list(dict.fromkeys(cfg.modalities))
     unknown_modalities = [m for m in order if m not in cfg.columns]
