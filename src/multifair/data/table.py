@@ -672,7 +672,7 @@ def read_array(path: str, key: str | None) -> np.ndarray:
         raise BadFile(path, None, "reading images needs pillow") from None
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L") if img.mode not in ("L", "RGB") else img)
+            return np.array(img.convert("L") if img.mode not in ("L", "RGB") else img)
     except FileNotFoundError:
         raise BadFile(path, None, "file not found") from None
     except (OSError, UnidentifiedImageError) as exc:
