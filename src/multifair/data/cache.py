@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -507,11 +507,12 @@ def find_stores(
     cache: str | None,
     default: Path,
     settings: Mapping[str, Any],
-    sources: Mapping[str, list[list[Any]]],
+    sources: Callable[[], Mapping[str, list[list[Any]]]],
     prepare: str,
 ) -> dict[str, OpenStore] | None:
     """The stores `data.cache` asks for (None: `default` when it holds a valid cache; "off":
-    none), verified. An explicit cache that is missing or invalid is an error; a default one
+    none), verified against `sources()` (store -> fingerprints; only computed when there is a
+    cache to check). An explicit cache that is missing or invalid is an error; a default one
     is skipped with a warning. `prepare` is the command that builds it, for the message."""
     if cache == "off":
         return None
@@ -521,7 +522,7 @@ def find_stores(
             raise UserError(f"data.cache: {base} does not exist; create it with `{prepare}`")
         return None
     try:
-        return open_stores(base, settings, sources)
+        return open_stores(base, settings, sources())
     except CacheInvalid as exc:
         if cache is not None:
             raise UserError(f"data.cache: {exc}") from None

@@ -375,11 +375,10 @@ def cell_errors(
 
 
 def check_transforms(
-    modality: str, types: Mapping[str, str], transforms: Mapping[str, Any]
+    modality: str, types: Mapping[str, str], transforms: Mapping[str, str]
 ) -> None:
     """Transforms are for numeric columns: anything else is a config error naming the key."""
-    for column, spec in transforms.items():
-        kind = spec if isinstance(spec, str) else spec.kind
+    for column, kind in transforms.items():
         if types[column] != "numeric":
             raise UserError(
                 f"data.columns.{modality}.transforms.{column}: {kind} needs a numeric column; "
@@ -725,12 +724,11 @@ def find_image_cache(
 ) -> dict[str, cache.OpenStore] | None:
     """The verified cache of these modalities' files (`data.cache`, or TABLE_FOLDER/
     .multifair_cache when it holds a valid one), or None to decode the files."""
-    sources = {m: cache.fingerprint_files(base, unique_files(f)) for m, f in files.items()}
     stores = cache.find_stores(
         cfg.cache,
         base / cache.DEFAULT_DIRNAME,
         image_cache_settings(cfg),
-        sources,
+        lambda: {m: cache.fingerprint_files(base, unique_files(f)) for m, f in files.items()},
         prepare="multifair data prepare CONFIG [CACHE]",
     )
     if stores is not None:
