@@ -300,3 +300,27 @@ def test_inspect_reports_sentinels_skew_and_missingness_by_group(tmp_path: Path,
     assert "missing labs by race: rows Asian" in out and "<- differs by group (chi-square p=" in out
     sex_line = next(line for line in out.splitlines() if line.startswith("missing labs by sex"))
     assert "differs" not in sex_line
+
+
+def test_train_then_predict_on_a_new_table_reuses_the_run_s_transforms(tmp_path: Path):
+    """Through the CLI: the transforms fitted at training time travel in the checkpoint, so
+    `predict` on a new table (other statistics, no label) scores known rows exactly as the run
+    did."""
+    import yaml
+
+    frame = _hospital()
+    frame.to_csv(tmp_path / "h.csv", index=False)
+    run_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "diabetes.yaml").read_text())  # fmt: skip
+    run_cfg["data"] = _transform_cfg(tmp_path / "h.csv").model_dump(mode="json", exclude_defaults=True)  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_cfg))
+    tiny = ["train.epochs=1", "train.progress=false", "train.warmup_steps=0", "model.dim=8", "output.n_boot=0", "method.name=erm"]  # fmt: skip
+    assert main(["train", str(tmp_path / "run.yaml"), *tiny, "--out", str(tmp_path / "run")]) == 0
+    new = pd.concat([frame[frame["use"] == "test"], _hospital(seed=5).assign(id=lambda f: "n" + f["id"])])  # fmt: skip
+    new["crp"] = new["crp"] * 50  # every statistic of the new table differs
+    new.loc[new["id"].str.startswith("p"), "crp"] /= 50  # ... except on the run's own test rows
+    new.drop(columns=["outcome", "use"]).to_csv(tmp_path / "new.csv", index=False)
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "new.csv"), "--out", str(out)]) == 0  # fmt: skip
+    pred = pd.read_csv(out).merge(pd.read_csv(tmp_path / "run" / "predictions_test.csv"), on="sample_id", suffixes=("", "_run"))  # fmt: skip
+    assert len(pred) == int((frame["use"] == "test").sum())
+    np.testing.assert_allclose(pred["score"], pred["score_run"], rtol=1e-5)
