@@ -30,7 +30,9 @@ travels with the run: store `bundle.state()` (JSON-able) and rebuild with
 
 Sample arrays are loaded from the memory-mapped uint8 cache written by
 `multifair data prepare ROOT [CACHE]` when one is configured (`cache: PATH`) or present under
-ROOT/.multifair_cache; otherwise from the npz files. See docs/data.md.
+ROOT/.multifair_cache; otherwise from the npz files. A table's image/npz path columns work
+the same way (`multifair data prepare CONFIG.yaml`, default `.multifair_cache` beside the
+table file). See docs/data.md.
 """
 
 from __future__ import annotations

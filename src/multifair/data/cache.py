@@ -13,6 +13,10 @@ interrupted `prepare` continues where it stopped. Opening verifies the settings,
 split is complete, that the arrays have their full size, and that the source files are the
 ones the cache was built from (same names, sizes, modification times) - a stale or partial
 cache is reported, never trusted.
+
+The row stores at the end are the format-agnostic part: a reader (a table with image/volume
+path columns) hands over the files' fingerprints, the per-row shapes and a `load_modalities`
+reader; the cache writes, verifies and opens the row-aligned arrays without knowing the format.
 """
 
 from __future__ import annotations

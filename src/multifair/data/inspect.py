@@ -357,9 +357,10 @@ def inspect_table(cfg: DataConfig) -> dict[str, Any]:
     for m, mod in cfg.columns.items():
         for c in mod.columns if mod.kind == "tabular" else [mod.column]:
             if c in frame.columns:
-                kind = _column_type(frame[c], c in mod.categorical)
+                tabular = mod.kind == "tabular"
+                kind = _column_type(frame[c], c in mod.categorical) if tabular else mod.kind
                 entry = {"modality": m, "type": kind, "missing": int(frame[c].isna().sum())}
-                if mod.kind == "tabular" and kind == "numeric":
+                if tabular and kind == "numeric":
                     entry["skew"], suggestion = suggest_transform(frame[c])
                     if c in mod.transforms:
                         entry["transform"] = mod.transforms[c].kind
