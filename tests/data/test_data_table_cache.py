@@ -81,9 +81,13 @@ def _same(a, b) -> None:
 
 def test_image_path_rows_read_from_the_cache_equal_the_decoded_files(tmp_path: Path, capsys):
     table = _write_table(tmp_path / "data")
+    assert main(["data", "inspect", str(_yaml(table))]) == 0
+    assert "image cache: not used: files decoded per sample" in capsys.readouterr().out
     assert _prepare(_yaml(table)) == 0
     out = capsys.readouterr().out
     assert "photo: 14 files (14 written now, 0 bad)" in out and "scan: 14 files" in out
+    assert main(["data", "inspect", str(_yaml(table))]) == 0
+    assert "image cache: used" in capsys.readouterr().out
     cached = build_data(_cfg(table))  # found beside the table, verified, used
     decoded = build_data(_cfg(table, cache="off"))
     assert cached.source == "cache" and decoded.source == "table"

@@ -156,6 +156,9 @@ def test_bad_config_names_the_key(tmp_path: Path, change, needle):
     with pytest.raises(UserError) as info:
         _cfg(tmp_path / "h.csv", **change)
     assert needle in str(info.value) and str(info.value).startswith("test: ")
+
+
+def test_missing_values_belong_to_tables():
     with pytest.raises(UserError, match="`missing_values` is only for kind table"):
         validate(DataConfig, {"kind": "fairvision", "root": "x", "missing_values": {"*": [0]}})
 

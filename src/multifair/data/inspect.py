@@ -388,6 +388,12 @@ def inspect_table(cfg: DataConfig) -> dict[str, Any]:
             entry["attributes"][a] = table
         report["splits"][split] = entry
     report["shapes"] = {m: f"{s.kind} {list(s.shape)}" for m, s in bundle.modalities.items()}
+    if any(s.kind in ("image", "volume") for s in bundle.modalities.values()):
+        report["image_cache"] = (
+            "used (the memory-mapped uint8 cache is valid)"
+            if bundle.source == "cache"
+            else "not used: files decoded per sample (`multifair data prepare CONFIG` builds it)"
+        )
     report["missingness"] = group_missingness(frame, cfg, bundle.attributes)
     return report
 
@@ -458,7 +464,7 @@ def _table_lines(report: dict[str, Any]) -> list[str]:
     by group."""
     from multifair.data.table import describe_sentinel
 
-    lines = []
+    lines = [f"image cache: {report['image_cache']}"] if report.get("image_cache") else []
     if report.get("missing_values"):
         lines.append("missing_values:")
         lines.extend(f"  {describe_sentinel(count)}" for count in report["missing_values"])
