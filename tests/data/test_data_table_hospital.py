@@ -150,6 +150,7 @@ def _labs(transforms: dict) -> dict:
             "`quantiles` is for clip, not rank",
         ),
         (_labs({"chol": {"kind": "clip", "quantiles": [0.9, 0.1]}}), "0 <= low < high <= 1"),
+        (_labs({"chol": {"kind": "clip", "q": [0.1, 0.9]}}), "transforms.chol.q: unknown key"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, change, needle):
