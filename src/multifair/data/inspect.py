@@ -36,6 +36,10 @@ from multifair.data.formats import (
 from multifair.data.transforms import fundus_uint8, oct_uint8
 from multifair.errors import UserError
 
+SKEW_LIMIT = 2.0  # |skew| above this flags a numeric column for a transform
+MISSINGNESS_P = 0.01  # chi-square p below this (and a >= 5-point spread) flags a modality
+MISSINGNESS_SPREAD = 0.05
+
 
 def detect_kind(root: Path) -> str:
     """fairvision or fairvlmed, from the first npz's keys (OCT volume vs note)."""
@@ -275,11 +279,6 @@ def _check_csv(path: Path, labels: dict[str, int], kind: str) -> dict[str, Any]:
                 disagree += 1
         out["label_disagrees_with_npz"] = disagree
     return out
-
-
-SKEW_LIMIT = 2.0  # |skew| above this flags a numeric column for a transform
-MISSINGNESS_P = 0.01  # chi-square p below this (and a >= 5-point spread) flags a modality
-MISSINGNESS_SPREAD = 0.05
 
 
 def suggest_transform(values: pd.Series) -> tuple[float | None, str | None]:
