@@ -34,11 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from multifair.data import DataConfig, build_data, make_loader
+from multifair.data import DataConfig, build_data, make_loader, prepare_cache
 from multifair.data.bundle import batch_tensor
-from multifair.data.cache import prepare_cache
 from multifair.data.synthetic import SynthKnobs, generate
-from multifair.data.table import prepare_image_cache
 from multifair.data.transforms import released_preprocess_numpy
 
 
@@ -197,7 +195,7 @@ def main() -> None:
         table_cfg = write_table(tmp / "table", paths)
         decoded = build_data(table_cfg.model_copy(update={"cache": "off"}), ["train"])
         t0 = time.perf_counter()
-        prepare_image_cache(table_cfg, None, workers=0, progress=False)
+        prepare_cache(table_cfg, None, workers=0, progress=False)
         t_table = time.perf_counter() - t0
         table = build_data(table_cfg, ["train"])
         assert decoded.source == "table" and table.source == "cache"

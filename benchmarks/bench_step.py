@@ -29,7 +29,8 @@ from multifair.methods.base import StepContext, build_method
 from multifair.models import build_model
 from multifair.training.config import TrainConfig
 from multifair.training.distributed import DistEnv
-from multifair.training.trainer import build_optimizer, resolve_amp, train_step
+from multifair.training.inference import resolve_amp
+from multifair.training.trainer import build_optimizer, train_step
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: the demo's image size and OCT depth, the small preset's encoders

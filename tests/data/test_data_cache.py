@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from multifair.data import DataConfig, build_data, make_loader
-from multifair.data.cache import DEFAULT_DIRNAME, cache_settings, prepare_cache, signature
+from multifair.data import DataConfig, build_data, make_loader, prepare_cache
+from multifair.data.cache import DEFAULT_DIRNAME, cache_settings, signature
 from multifair.errors import UserError
 
 

@@ -17,6 +17,7 @@ import yaml
 from multifair.config import parse_overrides
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_report as br
 from multifair.evaluation import benchmark_tables as bt
 
 BASE = {"data": {"kind": "table", "path": "sklearn:diabetes"}, "method": {"name": "erm"}}
@@ -102,7 +103,7 @@ def test_labels_with_dots_and_equals_give_distinct_files_without_equals(tmp_path
     runs = bm.plan(cfg, out_dir)
     assert all("=" not in r.config.name for r in runs)  # `multifair train` reads "=" as override
     assert len({r.config for r in runs}) == 2 and len({r.run_dir for r in runs}) == 4
-    logs = {p for r in runs for p in bm._log_paths(out_dir, r)}
+    logs = {p for r in runs for p in bm.log_paths(out_dir, r)}
     assert len(logs) == 12  # stdout, stderr, status per run, none shared
     with pytest.raises(UserError, match="path with '='"):
         bad = tmp_path / "a=b"
@@ -332,7 +333,7 @@ def test_markdown_csv_json_outputs(tmp_path, make_run_dir):
     _, out_dir = populate(tmp_path, make_run_dir)
     collection = bm.collect(out_dir)
     tables = bt.build_tables(collection, n_boot=20)
-    paths = bt.write_results(tables, collection)
+    paths = br.write_results(tables, collection)
     md = paths["markdown"].read_text()
     assert "## synth / race" in md
     assert f"fin {bt.ATTRIBUTE_MARK}" in md and "uses the sensitive attribute at test time" in md
@@ -355,7 +356,7 @@ def test_collect_reports_missing_and_failed_runs(tmp_path, make_run_dir):
     cfg, out_dir = populate(tmp_path, make_run_dir, skip=("synth/race/fin/seed2",))
     # a failed attempt as the runner leaves it: status + stderr under logs/
     run = next(r for r in bm.plan(cfg, out_dir) if r.run_id == "synth/race/fin/seed2")
-    _, err, status = bm._log_paths(out_dir, run)
+    _, err, status = bm.log_paths(out_dir, run)
     err.parent.mkdir(parents=True, exist_ok=True)
     err.write_text("Traceback...\nRuntimeError: boom\n")
     status.write_text(json.dumps({"status": "failed", "returncode": 1}))
@@ -365,7 +366,7 @@ def test_collect_reports_missing_and_failed_runs(tmp_path, make_run_dir):
     (table,) = bt.build_tables(collection, n_boot=0)
     fin = next(r for r in table.rows if r.label == "fin")
     assert fin.seeds == [0, 1] and fin.paired["auc"].n == 2 and fin.ci == {}
-    md = bt.to_markdown([table], collection)
+    md = br.to_markdown([table], collection)
     assert "8 of 9 runs finished; 1 missing (1 failed)" in md and "RuntimeError: boom" in md
 
 
@@ -411,7 +412,7 @@ def test_modality_block_shows_head_auc_lr_factor_and_update_relative_to_referenc
         log = [*steps, {"kind": "epoch", "epoch": 0, "update_norm/B": 99.0}]  # epochs ignored
         (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
-    _, header, rows, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    _, header, rows, notes = next(b for b in br.table_blocks(table) if "modalities" in b[0])
     assert header == ["method", *(f"{m} {c}" for m in "AB" for c in ("head AUC", "lr factor", "update"))]  # fmt: skip
     by_name = {row[0]: row for row in rows}
     assert by_name["erm"] == ["erm", "0.900 ± 0.000", "-", "1.00x", "0.610 ± 0.010", "-", "1.00x"]
@@ -434,12 +435,12 @@ def test_modality_block_compares_the_reference_heads_with_single_modality_rows(
         metrics["aux_auc"] = {"test": heads[label]}
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
-    _, _, _, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    _, _, _, notes = next(b for b in br.table_blocks(table) if "modalities" in b[0])
     assert "erm's heads against the single-modality models: B 0.600 against oct only 0.650 (-0.050)." in notes[1]  # fmt: skip
     assert "A 0.900" not in notes[1]  # no single-modality row for A
     # against another reference, that row's heads
     (table,) = bt.build_tables(bm.collect(out_dir, reference="fin"), n_boot=0)
-    _, _, _, notes = next(b for b in bt.table_blocks(table) if "modalities" in b[0])
+    _, _, _, notes = next(b for b in br.table_blocks(table) if "modalities" in b[0])
     assert "fin's heads against the single-modality models: B 0.700 against oct only 0.650 (+0.050)" in notes[1]  # fmt: skip
 
 
@@ -626,7 +627,7 @@ def test_stacking_block_shows_each_groups_mean_fitted_weights(tmp_path, make_run
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics))
     (table,) = bt.build_tables(bm.collect(out_dir), n_boot=0)
-    _, header, rows, notes = next(b for b in bt.table_blocks(table) if "stacking" in b[0])
+    _, header, rows, notes = next(b for b in br.table_blocks(table) if "stacking" in b[0])
     assert header == ["method", "group", "fused", "A", "B", "bias", "fitted"]
     by_group = {row[1]: row for row in rows}
     assert set(by_group) == {"white", "asian"} and all(r[0] == "fin †" for r in rows)
@@ -636,4 +637,4 @@ def test_stacking_block_shows_each_groups_mean_fitted_weights(tmp_path, make_run
     # no stacking run, no block
     (tmp_path / "p").mkdir()
     (plain,) = bt.build_tables(bm.collect(populate(tmp_path / "p", make_run_dir)[1]), n_boot=0)
-    assert not any("stacking" in b[0] for b in bt.table_blocks(plain))
+    assert not any("stacking" in b[0] for b in br.table_blocks(plain))

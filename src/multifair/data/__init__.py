@@ -66,6 +66,7 @@ __all__ = [
     "build_data",
     "load_data_config",
     "make_loader",
+    "prepare_cache",
 ]
 
 
@@ -103,3 +104,34 @@ def build_data(
     from multifair.data import fairvlmed
 
     return fairvlmed.build(cfg, splits)
+
+
+def prepare_cache(
+    cfg: DataConfig,
+    cache_base: Any = None,
+    splits: Sequence[str] = SPLITS,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write (or resume) the uint8 cache of a FairVision / FairVLMed tree, or of a table's
+    image/volume path columns (`multifair data prepare`); returns a summary {directory,
+    splits: {...}, seconds, bytes} - for a table {directory, stores: {modality: ...}, ...}
+    (every row is cached, whatever its split, so `splits` does not apply).
+
+    The format's reader locates and scans the files and hands the cache writer records and
+    pixels (`subjects.SubjectSource`, `table.prepare_image_cache`); the cache itself knows no
+    format."""
+    from multifair.console import bars_enabled
+    from multifair.data.cache import write_cache
+    from multifair.data.subjects import SubjectSource
+
+    if cfg.kind == "table":
+        from multifair.data.table import prepare_image_cache
+
+        return prepare_image_cache(cfg, cache_base, workers, bars_enabled(progress))
+    if cfg.kind == "fairvision":
+        from multifair.data.fairvision import inputs
+    else:
+        from multifair.data.fairvlmed import inputs
+    source = SubjectSource(cfg, inputs(cfg, splits))
+    return write_cache(source, cfg, cache_base, splits, workers, bars_enabled(progress))

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -132,11 +132,15 @@ def _signature_dir(base: Path, sig: str) -> Path:
 
 
 def open_cache(
-    base: Path, cfg: DataConfig, root: Path, files: Mapping[str, list[Path]]
+    base: Path,
+    cfg: DataConfig,
+    root: Path,
+    files: Mapping[str, list[Path]],
+    read_records: Callable[[Any], Any],
 ) -> CachedData:
-    """Verify and open a cache for the given split files. Raises `CacheInvalid` with the reason."""
-    from multifair.data.subjects import Records
+    """Verify and open a cache for the given split files. Raises `CacheInvalid` with the reason.
 
+    `read_records` is the reader's: records.json -> its records (sized, with `take(rows)`)."""
     settings = cache_settings(cfg)
     directory = _signature_dir(Path(base), signature(settings))
     meta = _read_json(directory / "meta.json")
@@ -169,7 +173,7 @@ def open_cache(
                 f"{directory} is stale: the {split} source files changed since it was built "
                 f"({len(changed)} file(s), e.g. {changed[0]}); run `multifair data prepare` again"
             )
-        rec = Records.from_json(_read_json(folder / "records.json"))
+        rec = read_records(_read_json(folder / "records.json"))
         flags = np.load(folder / "done.npy")
         if flags.shape != (len(rec),) or not np.isin(flags, (1, 2)).all():
             raise CacheInvalid(f"{folder}/done.npy does not mark every row written (partial cache)")
@@ -191,7 +195,12 @@ def open_cache(
     return CachedData(directory, list(meta["attributes"]), records, rows, arrays, bad)
 
 
-def find_cache(cfg: DataConfig, root: Path, files: Mapping[str, list[Path]]) -> CachedData | None:
+def find_cache(
+    cfg: DataConfig,
+    root: Path,
+    files: Mapping[str, list[Path]],
+    read_records: Callable[[Any], Any],
+) -> CachedData | None:
     """The cache the config asks for (or the default one under ROOT), verified; None to read npz."""
     if cfg.cache == "off":
         return None
@@ -204,7 +213,7 @@ def find_cache(cfg: DataConfig, root: Path, files: Mapping[str, list[Path]]) -> 
             )
         return None
     try:
-        return open_cache(base, cfg, root, files)
+        return open_cache(base, cfg, root, files, read_records)
     except CacheInvalid as exc:
         if explicit:
             raise UserError(f"data.cache: {exc}") from None
@@ -231,60 +240,43 @@ class _Guarded(Dataset):
             return row, exc
 
 
-def subject_inputs(cfg: DataConfig, splits: Sequence[str]) -> Any:
-    if cfg.kind == "fairvision":
-        from multifair.data import fairvision
+class CacheSource(Protocol):
+    """What a format reader hands the cache writer: its files, records and pixels. The cache
+    stores them and knows no format (`multifair.data.subjects.SubjectSource` is one)."""
 
-        return fairvision.inputs(cfg, splits)
-    if cfg.kind == "fairvlmed":
-        from multifair.data import fairvlmed
+    root: Path
+    files: Mapping[str, list[Path]]  # split -> source files, fingerprinted against staleness
+    keys: Mapping[str, str]  # modality -> key in a source file, for error messages
 
-        return fairvlmed.inputs(cfg, splits)
-    raise UserError(
-        "data prepare: a table's image/volume path columns are cached by "
-        "multifair.data.table.prepare_image_cache (what `multifair data prepare CONFIG` runs)"
-    )
+    # records: sized, with `paths` (one per row), `to_json()` and `take(rows)`
+    def attributes(self) -> list[str]: ...  # the attributes the files store
+    def scan(self, split: str, attributes: list[str], problems: Problems) -> Any: ...
+    def read_records(self, data: Any) -> Any: ...  # records.json -> records
+    def dataset(self, records: Any) -> Any: ...  # load_modalities(row) -> {modality: uint8}
+    def shapes(self, records: Any) -> dict[str, list[int]]: ...  # one cached array per row
 
 
-def prepare_cache(
+def write_cache(
+    source: CacheSource,
     cfg: DataConfig,
     cache_base: Path | None = None,
     splits: Sequence[str] = ("train", "val", "test"),
     workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write (or resume) the cache for `cfg`; returns a summary {directory, splits: {...}}.
+    """Write (or resume) the cache of what `source` reads; returns a summary {directory, splits: {...}}.
 
     Every modality of the dataset is cached, so any `data.modalities` subset can use it.
     Bad files raise unless `cfg.skip_bad`, in which case they are recorded in meta.json.
+    `multifair.data.prepare_cache(cfg)` finds the source for `cfg.kind`.
     """
-    from multifair.data.subjects import (
-        NpzSubjectDataset,
-        Records,
-        present_attributes,
-        scan_split,
-        stored_channels,
-    )
-
-    inputs = subject_inputs(cfg, splits)
-    root = inputs.root
+    root = source.root
     base = Path(cache_base) if cache_base is not None else root / DEFAULT_DIRNAME
     settings = cache_settings(cfg)
     directory = base / signature(settings)
     directory.mkdir(parents=True, exist_ok=True)
-    modalities = list(inputs.fmt.modalities)
-    kinds = {m: inputs.fmt.modalities[m][0] for m in modalities}
-    keys = {m: inputs.fmt.modalities[m][1] for m in modalities}
-    problems = Problems(skip=cfg.skip_bad)
-    attributes = None
-    for path in (p for s in splits for p in inputs.files[s]):
-        try:
-            attributes = present_attributes(path)
-            break
-        except BadFile as exc:
-            problems.add(exc)
-    if attributes is None:
-        raise UserError(f"{root}: no readable npz file")
+    keys = source.keys
+    attributes = source.attributes()
     meta_path = directory / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("settings") != settings or meta.get("attributes") != attributes:
@@ -293,7 +285,7 @@ def prepare_cache(
     t0 = time.perf_counter()
     for split in splits:
         folder = directory / split
-        sources = _fingerprints(root, inputs.files[split])
+        sources = _fingerprints(root, source.files[split])
         info = meta["splits"].get(split)
         resume = (
             info is not None
@@ -310,31 +302,14 @@ def prepare_cache(
             continue
         split_problems = Problems(skip=cfg.skip_bad)
         if resume:  # same sources: the records written before the interruption still hold
-            records = Records.from_json(_read_json(folder / "records.json"))
+            records = source.read_records(_read_json(folder / "records.json"))
         else:
-            records = scan_split(
-                inputs.files[split],
-                inputs.fmt,
-                cfg,
-                attributes,
-                modalities,
-                split_problems,
-                inputs.note_fn,
-                inputs.ages,
-                desc=f"scan {split}",
-            )
+            records = source.scan(split, attributes, split_problems)
         if len(records) == 0:
             raise UserError(f"{root}: no readable sample in the {split} split")
         n = len(records)
-        ds = NpzSubjectDataset(records, kinds, keys, cfg.attribute, cfg.image_size, cfg.oct_slices)
-        size, k = cfg.image_size, cfg.oct_slices
-        shapes = {
-            m: [stored_channels(records.stored.get(m)), size, size]
-            if kinds[m] == "image"
-            else [k, size, size]
-            for m in modalities
-            if kinds[m] != "text"
-        }
+        ds = source.dataset(records)
+        shapes = source.shapes(records)
         if not resume:
             if folder.exists():
                 shutil.rmtree(folder)

@@ -218,7 +218,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from multifair.data.cache import prepare_cache
+    from multifair.data import prepare_cache
     from multifair.data.config import DataConfig, load_data_config
     from multifair.data.inspect import detect_kind
 
@@ -238,16 +238,11 @@ def _prepare(args: argparse.Namespace) -> int:
     bad = [s for s in splits if s not in ("train", "val", "test")]
     if bad:
         raise UserError(f"--splits: unknown split(s) {bad}; use train,val,test")
-    if cfg.kind == "table":  # its image/volume path columns; every row, whatever the split
-        from multifair.data.table import prepare_image_cache
-
-        summary = prepare_image_cache(cfg, args.cache, args.workers, not args.no_progress)
-        parts, unit = summary["stores"], "files"
-    else:
-        summary = prepare_cache(
-            cfg, args.cache, splits, workers=args.workers, progress=not args.no_progress
-        )
-        parts, unit = summary["splits"], "samples"
+    summary = prepare_cache(
+        cfg, args.cache, splits, workers=args.workers, progress=not args.no_progress
+    )
+    # a table caches each file its path columns name, per modality; a tree, samples per split
+    parts, unit = (summary["stores"], "files") if cfg.kind == "table" else (summary["splits"], "samples")  # fmt: skip
     print(
         f"cache: {summary['directory']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['seconds']:.1f} s)"
     )

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from multifair.console import bars_enabled
 from multifair.data.config import SPLITS, DataConfig, load_data_config
 from multifair.data.formats import (
     ATTRIBUTE_KEYS,
@@ -213,7 +214,9 @@ def inspect_tree(
             )
         groups: dict[str, Counter[tuple[int, int]]] = {a: Counter() for a in ATTRIBUTES}
         notes = Counter()
-        for path in tqdm(files, desc=f"inspect {split}", disable=not progress, leave=False):
+        for path in tqdm(
+            files, desc=f"inspect {split}", disable=not bars_enabled(progress), leave=False
+        ):
             info, problems = _inspect_file(path, fmt, label_key, deep, image_size, oct_slices)
             report["problems"].extend(problems)
             for key, (shape, dtype) in info["arrays"].items():

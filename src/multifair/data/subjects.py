@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from multifair.console import bars_enabled
 from multifair.data.bundle import (
     CollatedSamples,
     DataBundle,
@@ -29,6 +30,7 @@ from multifair.data.bundle import (
     ModalitySpec,
     batch_tensor,
 )
+from multifair.data.cache import find_cache
 from multifair.data.config import DataConfig
 from multifair.data.formats import (
     ATTRIBUTE_KEYS,
@@ -202,7 +204,7 @@ def scan_split(
     codes: dict[str, list[int]] = {a: [] for a in attributes}
     stored: dict[str, tuple[list[int], str]] = {}
     show = len(files) >= 2000 and log.isEnabledFor(logging.INFO)
-    for path in tqdm(files, desc=desc, disable=not show, leave=False):
+    for path in tqdm(files, desc=desc, disable=not bars_enabled(show), leave=False):
         try:
             info = scan_file(path, fmt, cfg.label_key, attributes, modalities, read_note)
         except BadFile as exc:
@@ -465,17 +467,88 @@ class SubjectInputs:
     ages: dict[str, float] | None = None
 
 
+def first_attributes(files: Iterable[Path], skip_bad: bool, root: Path) -> list[str]:
+    """The attributes stored in the first readable file (a bad one raises unless skip_bad)."""
+    problems = Problems(skip=skip_bad)
+    for path in files:
+        try:
+            return present_attributes(path)
+        except BadFile as exc:
+            problems.add(exc)
+    raise UserError(f"{root}: no readable npz file")
+
+
+@dataclass
+class SubjectSource:
+    """What `cache.write_cache` stores of a located FairVision/FairVLMed tree: the scanned
+    records of each split and the preprocessed uint8 pixels of every modality."""
+
+    cfg: DataConfig
+    inputs: SubjectInputs
+
+    @property
+    def root(self) -> Path:
+        return self.inputs.root
+
+    @property
+    def files(self) -> dict[str, list[Path]]:
+        return self.inputs.files
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return {m: key for m, (_, key) in self.inputs.fmt.modalities.items()}
+
+    @property
+    def kinds(self) -> dict[str, ModalityKind]:
+        return {m: kind for m, (kind, _) in self.inputs.fmt.modalities.items()}
+
+    def attributes(self) -> list[str]:
+        files = (p for split_files in self.files.values() for p in split_files)
+        return first_attributes(files, self.cfg.skip_bad, self.root)
+
+    def scan(self, split: str, attributes: list[str], problems: Problems) -> Records:
+        inputs = self.inputs
+        return scan_split(
+            inputs.files[split],
+            inputs.fmt,
+            self.cfg,
+            attributes,
+            list(inputs.fmt.modalities),  # every modality: any subset can use the cache
+            problems,
+            inputs.note_fn,
+            inputs.ages,
+            desc=f"scan {split}",
+        )
+
+    def read_records(self, data: Any) -> Records:
+        return Records.from_json(data)
+
+    def dataset(self, records: Records) -> NpzSubjectDataset:
+        cfg = self.cfg
+        return NpzSubjectDataset(
+            records, self.kinds, self.keys, cfg.attribute, cfg.image_size, cfg.oct_slices
+        )
+
+    def shapes(self, records: Records) -> dict[str, list[int]]:
+        size, k = self.cfg.image_size, self.cfg.oct_slices
+        return {
+            m: [stored_channels(records.stored.get(m)), size, size]
+            if kind == "image"
+            else [k, size, size]
+            for m, kind in self.kinds.items()
+            if kind != "text"
+        }
+
+
 def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
     """Shared build for FairVision/FairVLMed once the split files are known."""
-    from multifair.data import cache as cache_mod
-
     fmt, root, files = inputs.fmt, inputs.root, inputs.files
     note_fn, ages = inputs.note_fn, inputs.ages
 
     modalities = select_modalities(cfg, fmt)
     kinds = {m: fmt.modalities[m][0] for m in modalities}
     keys = {m: fmt.modalities[m][1] for m in modalities}
-    cached = cache_mod.find_cache(cfg, root, files)
+    cached = find_cache(cfg, root, files, Records.from_json)
     problems = Problems(skip=cfg.skip_bad)
     records: dict[str, Records] = {}
     rows: dict[str, np.ndarray] = {}
@@ -489,19 +562,8 @@ def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
     else:
         first = next((p for split in files for p in files[split]), None)
         assert first is not None
-        present = None
-        for split in files:
-            for path in files[split]:
-                try:
-                    present = present_attributes(path)
-                    break
-                except BadFile as exc:
-                    problems.add(exc)
-            if present is not None:
-                break
-        if present is None:
-            raise UserError(f"{root}: no readable npz file")
-        problems = Problems(skip=cfg.skip_bad)  # the scan below reports the same files again
+        # bad files met here are met again by the scan below, which reports them
+        present = first_attributes((p for s in files for p in files[s]), cfg.skip_bad, root)
         for split, split_files in files.items():
             records[split] = scan_split(
                 split_files,

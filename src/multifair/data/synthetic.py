@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from multifair.console import bars_enabled
 from multifair.data.formats import GROUP_NAMES, LEGACY_RACE
 from multifair.errors import UserError
 
@@ -504,7 +505,7 @@ def generate(
         "fairvlmed": _write_fairvlmed,
         "table": _write_table,
     }[k.flavour]
-    observer = writer(k, out, pop, sizes, progress)
+    observer = writer(k, out, pop, sizes, bars_enabled(progress))
     minority = pop["race_true"] != MAJORITY
     split = pop["split"]
     meta: dict[str, Any] = {

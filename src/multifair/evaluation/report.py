@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from multifair.errors import UserError
 from multifair.evaluation import benchmark as bm
+from multifair.evaluation import benchmark_report as br
 from multifair.evaluation import benchmark_tables as bt
 from multifair.evaluation.diagnostics import SIGNATURES, Finding, RunLog, diagnose, read_log
 
@@ -571,7 +572,7 @@ def render_run_report(run_dir: str | Path) -> str:
 # ============================================================================================
 def _table_html(table: bt.Table) -> str:
     parts = []
-    for i, (title, header, rows, notes) in enumerate(bt.table_blocks(table)):
+    for i, (title, header, rows, notes) in enumerate(br.table_blocks(table)):
         parts.append(f"<h3>{_esc(title)}</h3>" if i else "")
         parts.append(_table(header, rows))
         parts.extend(f'<p class="note">{_esc(n)}</p>' for n in notes if n)
@@ -590,7 +591,7 @@ def render_benchmark_report(
     collection = collection or bm.collect(out_dir)
     if tables is None:
         tables = bt.build_tables(collection, n_boot=n_boot)
-    body = [f"<p>{_esc(bt.status_line(collection))}. Config: <code>benchmark.yaml</code>.</p>"]
+    body = [f"<p>{_esc(br.status_line(collection))}. Config: <code>benchmark.yaml</code>.</p>"]
     if not tables:
         body.append("<p>No finished runs yet.</p>")
     for table in tables:

@@ -163,7 +163,7 @@ class Method(nn.Module):
         return {}
 
     def on_validation(self, preds: Any, groups: np.ndarray | None = None) -> dict[str, Any]:
-        """After each epoch's validation pass, with its predictions (`evaluation.predict.
+        """After each epoch's validation pass, with its predictions (`training.inference.
         Predictions` of the whole validation split - labels, fused and auxiliary scores -
         identical on every rank) and each sample's code of the training attribute (-1 unknown).
         Returns stats for the epoch record."""

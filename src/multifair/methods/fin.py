@@ -14,7 +14,7 @@ group (-1) passes through unchanged.
 NEEDS THE SENSITIVE ATTRIBUTE AT TEST TIME: the prediction for a patient depends on the group
 it is told the patient belongs to (`uses_attribute_at_test = True`; every table it appears in
 says so). The evaluation must therefore call `method.forward(model, batch)` with
-`batch["group"]` set, as `evaluation.predict` does.
+`batch["group"]` set, as `training.inference.predict` does.
 """
 
 from __future__ import annotations

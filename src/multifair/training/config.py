@@ -56,7 +56,7 @@ class TrainConfig(BaseModel):
     select_from: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
-    progress: bool = True  # tqdm bars (rank 0 only)
+    progress: bool = True  # tqdm bars (rank 0 only, and only on a terminal: multifair.console)
     tensorboard: bool = True  # also write TensorBoard scalars when tensorboard is installed
     deterministic: bool = False  # torch.use_deterministic_algorithms (GPU reproducibility)
     # stop (with a full checkpoint) once this many epochs are complete; `--resume` continues.

@@ -27,7 +27,6 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 
+from multifair.console import bars_enabled
 from multifair.errors import UserError
 from multifair.methods.base import LossOutput, Method, StepContext, build_method
 from multifair.training import checkpoint, distributed, run
 from multifair.training.config import TrainConfig, method_params, to_dict
 from multifair.training.distributed import DistEnv
+from multifair.training.inference import (
+    autocast,
+    evaluate_predictions,
+    make_loader,
+    predict,
+    resolve_amp,
+    val_record,
+    write_predictions,
+)
 from multifair.training.logging import RunLogger, WindowMeter, dump_json, truncate_log
 
 
@@ -50,7 +58,7 @@ class NonFiniteLossError(UserError):
 
 
 # ---------------------------------------------------------------------------------------
-# optimizer, schedule, AMP
+# optimizer and schedule (AMP and loaders: training/inference.py)
 
 
 @dataclass
@@ -160,23 +168,6 @@ class Schedule:
         self.bad_epochs = int(state["bad_epochs"])
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 where the GPU supports it, fp16 (+ GradScaler) on other GPUs, off on CPU."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp: fp16 needs a CUDA device (use bf16 or off on CPU)")
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 # ---------------------------------------------------------------------------------------
 # one optimisation step
 
@@ -270,43 +261,6 @@ def train_step(
 
 
 # ---------------------------------------------------------------------------------------
-# data loaders
-
-
-def make_loader(
-    data: Any,
-    split: str,
-    env: DistEnv,
-    *,
-    batch_size: int,
-    train: bool,
-    seed: int,
-    drop_last: bool = False,
-) -> tuple[DataLoader, DistributedSampler]:
-    """Shuffled (train) or ordered loader over one split; the sampler shards it across ranks.
-
-    The same DistributedSampler is used with one process: its permutation is seeded by
-    (seed, epoch) through `set_epoch`, so the data order of an epoch does not depend on what
-    ran before - which is what makes `--resume` continue bit-identically. Ordered loaders pad
-    the last rank by repeating samples; `predict` drops the repeats."""
-    from multifair.data.bundle import make_loader as data_loader
-
-    sampler = DistributedSampler(
-        data.datasets[split], num_replicas=env.world_size, rank=env.rank, shuffle=train, seed=seed
-    )
-    loader = data_loader(
-        data,
-        split,
-        batch_size,
-        sampler=sampler,
-        seed=seed,
-        drop_last=drop_last,
-        pin_memory=env.device.type == "cuda",
-    )
-    return loader, sampler
-
-
-# ---------------------------------------------------------------------------------------
 # the run
 
 
@@ -337,12 +291,6 @@ def train(cfg: Any, *, resume_dir: str | Path | None = None) -> TrainResult:
 
 def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult:
     from multifair.data import build_data
-    from multifair.evaluation.predict import (
-        evaluate_predictions,
-        predict,
-        val_record,
-        write_predictions,
-    )
     from multifair.methods.base import METHODS
     from multifair.models import build_model
 
@@ -470,7 +418,8 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             f"training {cfg.method.name} on {len(data.datasets['train'])} samples, modalities "
             f"{modalities}, {steps_per_epoch} steps x {tc.epochs} epochs on {device}"
             f"{f' x{env.world_size}' if env.distributed else ''}"
-            f"{f', amp {amp_dtype}' if amp_dtype else ''} -> {run_dir}"
+            f"{f', amp {amp_dtype}' if amp_dtype else ''} -> {run_dir}",
+            flush=True,
         )
 
     try:
@@ -573,7 +522,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             history.append(record)
             logger.log(record)
             if env.is_main:
-                print(_epoch_line(record, tc.select_by))
+                print(_epoch_line(record, tc.select_by), flush=True)  # a log file sees it now
             rng = distributed.all_gather_objects(checkpoint.rng_state(), env)
             if env.is_main:
                 checkpoint.save_atomic(
@@ -772,7 +721,9 @@ class _NoBar:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    # a bar only on a terminal: in a log file its redraws are '\r' frames, and the epoch line
+    # printed after it is the log
+    if not bars_enabled(enabled):
         return _NoBar()
     from tqdm.auto import tqdm
 

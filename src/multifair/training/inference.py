@@ -1,0 +1,299 @@
+"""The inference core: batch a loader through a model, collect scores, summarise them.
+
+Both sides of a run use it: the trainer (validation every epoch, the selected checkpoint on
+test, the predictions CSVs) and `multifair evaluate` / `predict` (`evaluation/predict.py`,
+which rebuilds a run from its directory first). It imports nothing from either, so the
+evaluation layer sits on top of training without the loop reaching back up into it.
+
+`predict` runs the method's forward (so a method that reads the attribute at test time gets
+it) in eval mode and returns one row per sample. Under torchrun every rank predicts its part
+of the split (the sampler pads the last rank by repeating samples); the parts are gathered
+with their dataset indices, duplicates dropped, and rows sorted by index, so the metrics are
+over the whole split exactly once. `evaluate_predictions` calls `metrics.summarize`, the same
+function `audit`, the report and the benchmark use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from multifair.errors import UserError
+from multifair.training.distributed import DistEnv
+
+CPU = DistEnv()
+
+
+# ---------------------------------------------------------------------------------------
+# loaders and AMP (the trainer's and `multifair evaluate`'s)
+
+
+def make_loader(
+    data: Any,
+    split: str,
+    env: DistEnv,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    drop_last: bool = False,
+) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled (train) or ordered loader over one split; the sampler shards it across ranks.
+
+    The same DistributedSampler is used with one process: its permutation is seeded by
+    (seed, epoch) through `set_epoch`, so the data order of an epoch does not depend on what
+    ran before - which is what makes `--resume` continue bit-identically. Ordered loaders pad
+    the last rank by repeating samples; `predict` drops the repeats."""
+    from multifair.data.bundle import make_loader as data_loader
+
+    sampler = DistributedSampler(
+        data.datasets[split], num_replicas=env.world_size, rank=env.rank, shuffle=train, seed=seed
+    )
+    loader = data_loader(
+        data,
+        split,
+        batch_size,
+        sampler=sampler,
+        seed=seed,
+        drop_last=drop_last,
+        pin_memory=env.device.type == "cuda",
+    )
+    return loader, sampler
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 where the GPU supports it, fp16 (+ GradScaler) on other GPUs, off on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp: fp16 needs a CUDA device (use bf16 or off on CPU)")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# predictions
+
+
+@dataclass
+class Predictions:
+    """One row per sample of a split, sorted by dataset index."""
+
+    index: np.ndarray  # (N,) int64 position in the dataset
+    sample_id: list[str]
+    label: np.ndarray  # (N,) int64 (-1 when the data has no label)
+    score: np.ndarray  # (N,) float64 probability of the positive class
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 codes, -1 unknown
+    aux_scores: dict[str, np.ndarray] = field(default_factory=dict)  # per-modality aux heads
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    method: nn.Module,
+    loader: Iterable[Mapping[str, Any]],
+    *,
+    to_device: Callable[..., Mapping[str, Any]],
+    env: DistEnv = CPU,
+    amp_dtype: torch.dtype | None = None,
+) -> Predictions:
+    """Positive-class probabilities of the fused head (and of each auxiliary head) for a split."""
+    model.eval()
+    method.eval()
+    device = env.device
+    parts: dict[str, list] = {"index": [], "sample_id": [], "label": [], "score": []}
+    attrs: dict[str, list[np.ndarray]] = {}
+    aux: dict[str, list[np.ndarray]] = {}
+    amp = (
+        torch.autocast(device_type=device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else torch.autocast(device_type=device.type, enabled=False)
+    )
+    for raw in loader:
+        batch = to_device(raw, device, train=False)
+        with amp:
+            out = method.forward(model, batch)
+        parts["score"].append(torch.softmax(out.logits.float(), dim=1)[:, 1].cpu().numpy())
+        for m, u in out.aux_logits.items():
+            aux.setdefault(m, []).append(torch.softmax(u.float(), dim=1)[:, 1].cpu().numpy())
+        n = out.logits.shape[0]
+        parts["index"].append(_numpy(raw.get("index"), n, default=-1))
+        parts["label"].append(_numpy(raw.get("label"), n, default=-1))
+        parts["sample_id"].extend(str(s) for s in raw.get("sample_id", [""] * n))
+        for name, codes in (raw.get("attributes") or {}).items():
+            attrs.setdefault(name, []).append(_numpy(codes, n, default=-1))
+    local = {
+        "index": _cat(parts["index"], np.int64),
+        "sample_id": parts["sample_id"],
+        "label": _cat(parts["label"], np.int64),
+        "score": _cat(parts["score"], np.float64),
+        "attributes": {k: _cat(v, np.int64) for k, v in attrs.items()},
+        "aux": {k: _cat(v, np.float64) for k, v in aux.items()},
+    }
+    if env.distributed:
+        from multifair.training.distributed import all_gather_objects
+
+        local = _merge(all_gather_objects(local, env))
+    order = np.argsort(local["index"], kind="stable")
+    return Predictions(
+        index=local["index"][order],
+        sample_id=[local["sample_id"][i] for i in order],
+        label=local["label"][order],
+        score=local["score"][order],
+        attributes={k: v[order] for k, v in local["attributes"].items()},
+        aux_scores={k: v[order] for k, v in local["aux"].items()},
+    )
+
+
+def _numpy(x: Any, n: int, default: int) -> np.ndarray:
+    if x is None:
+        return np.full(n, default, dtype=np.int64)
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy().astype(np.int64)
+    return np.asarray(x, dtype=np.int64)
+
+
+def _cat(chunks: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(chunks).astype(dtype) if chunks else np.zeros(0, dtype=dtype)
+
+
+def _merge(per_rank: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Concatenate the ranks' rows and drop the sampler's padding (repeated indices)."""
+    index = np.concatenate([r["index"] for r in per_rank])
+    _, keep = np.unique(index, return_index=True)  # first occurrence of each sample
+    keep.sort()
+    cat = lambda key: np.concatenate([r[key] for r in per_rank])[keep]  # noqa: E731
+    ids = [s for r in per_rank for s in r["sample_id"]]
+    return {
+        "index": index[keep],
+        "sample_id": [ids[i] for i in keep],
+        "label": cat("label"),
+        "score": cat("score"),
+        "attributes": {
+            k: np.concatenate([r["attributes"][k] for r in per_rank])[keep]
+            for k in per_rank[0]["attributes"]
+        },
+        "aux": {
+            k: np.concatenate([r["aux"][k] for r in per_rank])[keep] for k in per_rank[0]["aux"]
+        },
+    }
+
+
+def names_map(group_names: Mapping[str, Any]) -> dict[str, dict[int, str]]:
+    """attribute -> {code: name}, from either {code: name} mappings or lists indexed by code."""
+    out: dict[str, dict[int, str]] = {}
+    for attribute, names in group_names.items():
+        if isinstance(names, Mapping):
+            out[attribute] = {int(k): str(v) for k, v in names.items()}
+        else:
+            out[attribute] = {i: str(v) for i, v in enumerate(names)}
+    return out
+
+
+def evaluate_predictions(
+    preds: Predictions,
+    group_names: Mapping[str, Any],
+    attribute: str | None = None,
+    *,
+    n_boot: int = 0,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """`metrics.summarize` over every attribute that has at least two known groups in the split.
+
+    The training `attribute` must have two; other attributes with fewer are left out (a small
+    split may not contain every group) rather than failing the run."""
+    from multifair.metrics import summarize
+
+    if len(preds) == 0:
+        raise UserError("the split is empty: nothing to evaluate")
+    if np.any(preds.label < 0):
+        raise UserError(
+            "the split has samples without a label: predictions can be written but not evaluated"
+        )
+    features = {}
+    for name, codes in preds.attributes.items():
+        if len(np.unique(codes[codes >= 0])) >= 2:
+            features[name] = codes
+        elif name == attribute:
+            raise UserError(
+                f"data.attribute={attribute!r}: fewer than two known groups in this split, so "
+                "group fairness metrics are undefined"
+            )
+    return summarize(
+        preds.label,
+        preds.score,
+        sensitive_features=features,
+        group_names=names_map(group_names),
+        threshold=threshold,
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def val_record(
+    summary: Mapping[str, Any], attribute: str, preds: Predictions, modalities: Sequence[str]
+) -> dict[str, Any]:
+    """The compact validation entry of an epoch record in log.jsonl (docs/architecture.md)."""
+    from multifair.metrics import roc_auc
+
+    entry = summary["attributes"][attribute]
+    return {
+        "auc": summary["overall"]["auc"],
+        "acc": summary["overall"]["acc"],
+        "es_auc": entry["es_auc"],
+        "es_acc": entry["es_acc"],
+        "group_auc": {g["name"]: g["auc"] for g in entry["groups"]},
+        "dpd": entry["dpd"],
+        "deodds": entry["deodds"],
+        # how well each auxiliary (single-modality) head does: modality imbalance at a glance
+        "aux_auc": {
+            m: roc_auc(preds.label, preds.aux_scores[m])
+            for m in modalities
+            if m in preds.aux_scores
+        },
+    }
+
+
+def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, Any]):
+    """`sample_id, split, label, score, <attribute>, <attribute>_name` (one row per sample)."""
+    import pandas as pd
+
+    names = names_map(group_names)
+    cols: dict[str, Any] = {
+        "sample_id": preds.sample_id,
+        "split": split,
+        "label": preds.label,
+        "score": preds.score,
+    }
+    for attribute, codes in preds.attributes.items():
+        cols[attribute] = codes
+        lookup = names.get(attribute, {})
+        cols[f"{attribute}_name"] = [
+            "unknown" if c < 0 else lookup.get(int(c), str(int(c))) for c in codes
+        ]
+    return pd.DataFrame(cols)
+
+
+def write_predictions(
+    preds: Predictions, split: str, group_names: Mapping[str, Any], path: str | Path
+) -> None:
+    predictions_frame(preds, split, group_names).to_csv(path, index=False, float_format="%.8g")
