@@ -167,11 +167,20 @@ def _read_all(bundle) -> None:
             ds[i]
 
 
-def test_empty_path_is_a_row_problem(tmp_path: Path):
+def test_empty_path_is_a_row_problem_and_counts_as_missing_by_group(tmp_path: Path, capsys):
     table = _write_table(tmp_path / "data")
     frame = pd.read_csv(table)
-    frame.loc[6, "scan"] = np.nan
+    frame.loc[[6, 9], "scan"] = np.nan  # both rows in group "b" (r % 3 == 0)
     frame.to_csv(table, index=False)
     with pytest.raises(UserError, match="row 6: column 'scan': empty path"):
         build_data(_cfg(table))
-    assert len(build_data(_cfg(table, skip_bad=True)).skipped) == 1
+    assert len(build_data(_cfg(table, skip_bad=True)).skipped) == 2
+    assert main(["data", "inspect", str(_yaml(table)), "--json", str(tmp_path / "r.json")]) == 1
+    by_group = json.loads((tmp_path / "r.json").read_text())["missingness"]["g"]
+    n_b = int((frame["g"] == "b").sum())
+    assert by_group["scan"]["groups"]["b"]["rows"] == pytest.approx(2 / n_b)
+    assert by_group["scan"]["groups"]["a"]["rows"] == 0 and by_group["photo"]["p"] == 1.0
+    assert (
+        "missing scan by g: rows a 0% (0% of cells), b 20% (20% of cells)"
+        in capsys.readouterr().out
+    )
