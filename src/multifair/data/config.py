@@ -58,7 +58,6 @@ class AttributeColumn(_Strict):
     unknown_values: list[str | int | float] = Field(default_factory=list)
 
 
-TRANSFORMS: tuple[str, ...] = ("log1p", "clip", "rank")
 CLIP_QUANTILES: tuple[float, float] = (0.005, 0.995)
 
 
@@ -237,7 +236,7 @@ class DataConfig(_Strict):
         for column, sentinels in value.items():
             if any(isinstance(v, str) and not v.strip() for v in sentinels):
                 raise ValueError(f"{column}: an empty sentinel is already missing; remove it")
-        if "columns" in info.data and "attribute_columns" in info.data:  # both validated
+        if {"columns", "attribute_columns", "attribute"} <= set(info.data):  # all validated
             known = _sentinel_columns(info.data)
             unknown = sorted(set(value) - {"*"} - set(known))
             if unknown:
