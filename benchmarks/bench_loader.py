@@ -8,6 +8,9 @@ uncompressed npz) to a temporary folder, then measures in one process, one threa
   npz, ours       np.load + our CPU half (the same tensors as uint8; float work left to the GPU)
   cache           one sample's 10x224x224 OCT + 1x224x224 fundus from the memory-mapped cache
   cache, batched  the same through Dataset.__getitems__ (one sorted read per batch)
+  table, decoded  a table whose path columns name a 512x512 RGB PNG and the subject's npz
+                  (OCT key), decoded and resized per sample - the same pixels as above
+  table, cache    that table after `multifair data prepare CONFIG` (the uint8 memory map)
 
 and a DataLoader over the cache with 0, 1 and 2 worker processes (batch 32, uint8 batches
 delivered to the main process), plus the machine's floor for worker processes: workers that
@@ -68,7 +71,7 @@ def loader_rate(
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         b = next(it)
-        n += b["oct"].shape[0]
+        n += b["label"].shape[0]
     out = n / (time.perf_counter() - t0)
     del it, loader
     return out
@@ -104,6 +107,39 @@ def shm_floor(shape: tuple[int, ...], workers: int, seconds: float, batch: int =
     while time.perf_counter() - t0 < seconds:
         n += next(it).shape[0]
     return n / (time.perf_counter() - t0)
+
+
+def write_table(root: Path, paths: list[str]) -> DataConfig:
+    """A table over the FairVision subjects: a 512x512 RGB PNG fundus photo (the subject's
+    fundus, upsampled) and the subject's npz as the OCT path column."""
+    from PIL import Image
+
+    (root / "png").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, path in enumerate(paths):
+        with np.load(path, allow_pickle=False) as z:
+            fundus, label = z["slo_fundus"].astype(np.uint8), int(z["glaucoma"])
+        rgb = Image.fromarray(fundus).convert("RGB").resize((512, 512), Image.BILINEAR)
+        rgb.save(root / "png" / f"{i:05d}.png")
+        rows.append({"id": f"s{i}", "photo": f"png/{i:05d}.png", "oct": path, "y": label, "g": i % 2})  # fmt: skip
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(root / "table.csv", index=False)
+    return DataConfig(
+        kind="table",
+        path=str(root / "table.csv"),
+        label="y",
+        attribute="g",
+        id_column="id",
+        columns={
+            "photo": {"kind": "image", "column": "photo"},
+            "oct": {"kind": "volume", "column": "oct", "key": "oct_bscans"},
+        },
+        split={"fractions": {"train": 1.0}},
+        image_size=224,
+        oct_slices=10,
+        num_workers=0,
+    )
 
 
 def main() -> None:
@@ -156,6 +192,24 @@ def main() -> None:
             for _ in range(reps):
                 ds.__getitems__(idx)
 
+        table_cfg = write_table(tmp / "table", paths)
+        decoded = build_data(table_cfg.model_copy(update={"cache": "off"}), ["train"])
+        t0 = time.perf_counter()
+        prepare_cache(table_cfg, None, workers=0, progress=False)
+        t_table = time.perf_counter() - t0
+        table = build_data(table_cfg, ["train"])
+        assert decoded.source == "table" and table.source == "cache"
+        decoded_ds, table_ds = decoded.datasets["train"], table.datasets["train"]
+
+        def table_decoded() -> None:
+            for i in range(n):
+                decoded_ds[i]
+
+        def table_cached() -> None:
+            for _ in range(reps):
+                for i in range(n):
+                    table_ds[i]
+
         released()  # page cache warm-up
         rows = [
             ("npz, released (float, per sample)", rate(released, n)),
@@ -169,6 +223,9 @@ def main() -> None:
             ),
             ("DataLoader, cache, 1 worker, batch 32", loader_rate(cached, 1, args.seconds)),
             ("DataLoader, cache, 2 workers, batch 32", loader_rate(cached, 2, args.seconds)),
+            ("table, image paths: PNG + npz decoded (per sample)", rate(table_decoded, n)),
+            ("table, image paths: cache (per sample)", rate(table_cached, n * reps)),
+            ("DataLoader, table cache, 0 workers, batch 32", loader_rate(table, 0, args.seconds)),
             (
                 "floor: 2 workers passing empty batches",
                 shm_floor((11, 224, 224), 2, args.seconds),
@@ -183,6 +240,8 @@ def main() -> None:
           f"torch {torch.__version__}, python {platform.python_version()}")  # fmt: skip
     print(f"data: {n} full-size FairVision subjects (OCT 200x200x200 uint8, fundus 200x200), "
           f"model input 224 px, 10 OCT slices; generated in {t_gen:.0f} s, cached in {t_prep:.1f} s")  # fmt: skip
+    print(f"table: the same subjects as rows, a 512x512 RGB PNG + the npz per row; "
+          f"`data prepare` of the table in {t_table:.1f} s")  # fmt: skip
     print()
     w = max(len(name) for name, _ in rows)
     print(f"| {'path':<{w}} | {'samples/s':>10} | {'ms/sample':>9} | {'vs npz, released':>16} |")

@@ -146,7 +146,7 @@ def test_table_synth_and_inspect_config(tmp_path: Path, capsys):
     )
     cfg = load_data_config(out / "table.yaml")
     assert build_data(cfg).modalities["B"].shape[0] > 12
-    assert main(["data", "prepare", str(out / "table.yaml")]) == 2  # tables need no cache
+    assert main(["data", "prepare", str(out / "table.yaml")]) == 2  # no path column to cache
     diabetes = Path(__file__).resolve().parents[2] / "configs" / "data" / "diabetes.yaml"
     assert main(["data", "inspect", str(diabetes)]) == 0
     assert "sex 1" in capsys.readouterr().out

@@ -30,7 +30,9 @@ travels with the run: store `bundle.state()` (JSON-able) and rebuild with
 
 Sample arrays are loaded from the memory-mapped uint8 cache written by
 `multifair data prepare ROOT [CACHE]` when one is configured (`cache: PATH`) or present under
-ROOT/.multifair_cache; otherwise from the npz files. See docs/data.md.
+ROOT/.multifair_cache; otherwise from the npz files. A table's image/npz path columns work
+the same way (`multifair data prepare CONFIG.yaml`, default `.multifair_cache` beside the
+table file). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -111,23 +113,25 @@ def prepare_cache(
     workers: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write (or resume) the uint8 cache of a FairVision / FairVLMed tree (`multifair data
-    prepare`); returns a summary {directory, splits: {...}, seconds, bytes}.
+    """Write (or resume) the uint8 cache of a FairVision / FairVLMed tree, or of a table's
+    image/volume path columns (`multifair data prepare`); returns a summary {directory,
+    splits: {...}, seconds, bytes} - for a table {directory, stores: {modality: ...}, ...}
+    (every row is cached, whatever its split, so `splits` does not apply).
 
-    The format's reader locates and scans the npz files and hands the cache writer records and
-    pixels (`subjects.SubjectSource`); the cache itself knows no format."""
+    The format's reader locates and scans the files and hands the cache writer records and
+    pixels (`subjects.SubjectSource`, `table.prepare_image_cache`); the cache itself knows no
+    format."""
     from multifair.console import bars_enabled
     from multifair.data.cache import write_cache
     from multifair.data.subjects import SubjectSource
 
+    if cfg.kind == "table":
+        from multifair.data.table import prepare_image_cache
+
+        return prepare_image_cache(cfg, cache_base, workers, bars_enabled(progress))
     if cfg.kind == "fairvision":
         from multifair.data.fairvision import inputs
-    elif cfg.kind == "fairvlmed":
-        from multifair.data.fairvlmed import inputs
     else:
-        raise UserError(
-            "data prepare: kind table is read into memory once and needs no cache "
-            "(the cache is for fairvision/fairvlmed npz trees)"
-        )
+        from multifair.data.fairvlmed import inputs
     source = SubjectSource(cfg, inputs(cfg, splits))
     return write_cache(source, cfg, cache_base, splits, workers, bars_enabled(progress))

@@ -13,6 +13,10 @@ interrupted `prepare` continues where it stopped. Opening verifies the settings,
 split is complete, that the arrays have their full size, and that the source files are the
 ones the cache was built from (same names, sizes, modification times) - a stale or partial
 cache is reported, never trusted.
+
+The row stores at the end are the format-agnostic part: a reader (a table with image/volume
+path columns) hands over the files' fingerprints, the per-row shapes and a `load_modalities`
+reader; the cache writes, verifies and opens the row-aligned arrays without knowing the format.
 """
 
 from __future__ import annotations
@@ -379,3 +383,234 @@ def write_cache(
     summary["seconds"] = time.perf_counter() - t0
     summary["bytes"] = sum(p.stat().st_size for p in directory.rglob("*.npy"))
     return summary
+
+
+# ---- row stores: uint8 arrays a reader hands over (format-agnostic) --------------------------------
+# The reader (e.g. a table with image-path columns) decides which files, in which order, at
+# which shape; this part only writes, verifies and opens row-aligned arrays:
+#
+#     CACHE/<signature>/meta.json             settings; per store n, complete, arrays, bad files
+#     CACHE/<signature>/<store>/sources.json  [relative path, size, mtime_ns] per row
+#     CACHE/<signature>/<store>/<array>.npy   (N, ...) uint8, one per array
+#     CACHE/<signature>/<store>/done.npy      (N,) uint8: 0 to do, 1 written, 2 bad
+def fingerprint_files(root: Path, files: Sequence[str | Path]) -> list[list[Any]]:
+    """[path relative to root, size, mtime_ns] per file; size and mtime None when it is missing
+    (the reader reports that file as bad when it is decoded)."""
+    out = []
+    for path in map(Path, files):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            out.append([os.path.relpath(path, root), None, None])
+            continue
+        out.append([os.path.relpath(path, root), st.st_size, st.st_mtime_ns])
+    return out
+
+
+@dataclass
+class RowStore:
+    """One store as a reader hands it over: the fingerprint of each row's source file, the
+    per-row shape of each uint8 array, and `reader.load_modalities(row)` -> {array: uint8
+    tensor}, raising `BadFile` for a file it cannot use."""
+
+    name: str
+    sources: list[list[Any]]
+    shapes: dict[str, list[int]]
+    reader: Any
+
+
+@dataclass
+class OpenStore:
+    """A verified store: its array files, per-row flags (1 written, 2 bad) and bad files."""
+
+    arrays: dict[str, Path]
+    flags: np.ndarray
+    bad: list[dict[str, Any]]
+
+
+def _changed_files(old: list[list[Any]], new: list[list[Any]]) -> list[str]:
+    before = {s[0]: s[1:] for s in old}
+    now = {s[0]: s[1:] for s in new}
+    return sorted(set(before) ^ set(now)) or sorted(k for k in now if before.get(k) != now[k])
+
+
+def _open_array(path: Path, shape: list[int]) -> None:
+    """Check that a cached array is there in full, with this shape and uint8."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise CacheInvalid(f"{path} is missing or truncated ({exc})") from None
+    if list(arr.shape) != shape or arr.dtype != np.uint8:
+        raise CacheInvalid(f"{path} has shape {arr.shape} {arr.dtype}, expected {shape} uint8")
+
+
+def open_stores(
+    base: Path, settings: Mapping[str, Any], sources: Mapping[str, list[list[Any]]]
+) -> dict[str, OpenStore]:
+    """Verify and open the stores named in `sources` (store -> current fingerprints): same
+    settings, complete, arrays in full, built from exactly these files. Raises `CacheInvalid`."""
+    directory = _signature_dir(Path(base), signature(settings))
+    meta = _read_json(directory / "meta.json")
+    if meta.get("settings") != settings:
+        raise CacheInvalid(
+            f"{directory} was built with settings {meta.get('settings')}, the config needs {settings}"
+        )
+    out = {}
+    for name, now in sources.items():
+        info = meta.get("stores", {}).get(name)
+        folder = directory / name
+        if info is None:
+            raise CacheInvalid(f"{directory} does not hold {name}")
+        if not info.get("complete"):
+            raise CacheInvalid(f"{folder} is partial; run `multifair data prepare` again to resume")
+        changed = _changed_files(_read_json(folder / "sources.json"), now)
+        if changed:
+            raise CacheInvalid(
+                f"{directory} is stale: the {name} source files changed since it was built "
+                f"({len(changed)} file(s), e.g. {changed[0]}); run `multifair data prepare` again"
+            )
+        try:
+            flags = np.load(folder / "done.npy")
+        except (OSError, ValueError) as exc:
+            raise CacheInvalid(f"{folder}/done.npy is missing or unreadable ({exc})") from None
+        if flags.shape != (len(now),) or not np.isin(flags, (1, 2)).all():
+            raise CacheInvalid(f"{folder}/done.npy does not mark every row written (partial cache)")
+        for array, shape in info["arrays"].items():
+            _open_array(folder / f"{array}.npy", [len(now), *shape])
+        arrays = {array: folder / f"{array}.npy" for array in info["arrays"]}
+        out[name] = OpenStore(arrays, flags, list(info.get("bad", [])))
+    return out
+
+
+def find_stores(
+    cache: str | None,
+    default: Path,
+    settings: Mapping[str, Any],
+    sources: Callable[[], Mapping[str, list[list[Any]]]],
+    prepare: str,
+) -> dict[str, OpenStore] | None:
+    """The stores `data.cache` asks for (None: `default` when it holds a valid cache; "off":
+    none), verified against `sources()` (store -> fingerprints; only computed when there is a
+    cache to check). An explicit cache that is missing or invalid is an error; a default one
+    is skipped with a warning. `prepare` is the command that builds it, for the message."""
+    if cache == "off":
+        return None
+    base = Path(cache) if cache is not None else default
+    if not base.exists():
+        if cache is not None:
+            raise UserError(f"data.cache: {base} does not exist; create it with `{prepare}`")
+        return None
+    try:
+        return open_stores(base, settings, sources())
+    except CacheInvalid as exc:
+        if cache is not None:
+            raise UserError(f"data.cache: {exc}") from None
+        log.warning("not using the cache under %s: %s", base, exc)
+        return None
+
+
+def prepare_stores(
+    base: Path,
+    settings: Mapping[str, Any],
+    stores: Sequence[RowStore],
+    skip_bad: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write (or resume) the stores; returns {directory, stores: {name: {n, written, bad}},
+    seconds, bytes}. A bad file raises unless `skip_bad`; then it is flagged and recorded."""
+    directory = Path(base) / signature(settings)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("settings") != settings:
+        meta = {"settings": dict(settings), "stores": {}}
+    summary: dict[str, Any] = {"directory": str(directory), "stores": {}}
+    t0 = time.perf_counter()
+    for store in stores:
+        folder, n = directory / store.name, len(store.sources)
+        info = meta["stores"].get(store.name)
+        resume = (
+            info is not None
+            and info["arrays"] == store.shapes
+            and (folder / "done.npy").is_file()
+            and (folder / "sources.json").is_file()
+            and _read_json(folder / "sources.json") == store.sources
+        )
+        if resume and info["complete"]:
+            summary["stores"][store.name] = {"n": n, "written": 0, "bad": len(info["bad"])}
+            continue
+        if not resume:  # new or changed sources: start this store over
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            _save_flags(folder / "done.npy", np.zeros(n, dtype=np.uint8))
+            for array, shape in store.shapes.items():
+                np.lib.format.open_memmap(
+                    folder / f"{array}.npy", "w+", np.uint8, (n, *shape)
+                ).flush()
+            _write_json(folder / "sources.json", store.sources)
+        entry = {
+            "n": n,
+            "complete": False,
+            "arrays": store.shapes,
+            "bad": info["bad"] if resume else [],
+        }
+        meta["stores"][store.name] = entry
+        _write_json(meta_path, meta)
+        written = _fill_store(folder, store, entry, lambda: _write_json(meta_path, meta), skip_bad, workers, progress)  # fmt: skip
+        entry["complete"] = True
+        _write_json(meta_path, meta)
+        summary["stores"][store.name] = {"n": n, "written": written, "bad": len(entry["bad"])}
+    summary["seconds"] = time.perf_counter() - t0
+    summary["bytes"] = sum(p.stat().st_size for p in directory.rglob("*.npy"))
+    return summary
+
+
+def _fill_store(
+    folder: Path,
+    store: RowStore,
+    entry: dict[str, Any],
+    save_meta: Any,
+    skip_bad: bool,
+    workers: int,
+    progress: bool,
+) -> int:
+    """Decode the rows not yet done into the store's arrays; returns how many were handled.
+    Rows are flagged done only after their pixels are flushed, so an interruption resumes."""
+    flags = np.load(folder / "done.npy")
+    arrays = {a: np.lib.format.open_memmap(folder / f"{a}.npy", "r+") for a in store.shapes}
+
+    def flush() -> None:
+        for arr in arrays.values():
+            arr.flush()
+        _save_flags(folder / "done.npy", flags)
+        save_meta()
+
+    todo = np.flatnonzero(flags == 0)
+    loader = DataLoader(
+        _Guarded(store.reader, todo),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+    )
+    last_flush = time.perf_counter()
+    for row, sample in tqdm(loader, total=len(todo), desc=f"prepare {store.name}", disable=not progress):  # fmt: skip
+        if not isinstance(sample, BadFile):
+            shapes = {a: list(sample[a].shape) for a in arrays}
+            if shapes != store.shapes:
+                sample = BadFile(store.sources[row][0], None, f"preprocessed shape {shapes} differs from the store's {store.shapes}")  # fmt: skip
+        if isinstance(sample, BadFile):
+            if not skip_bad:
+                flush()
+                raise sample
+            entry["bad"].append(sample.as_dict())
+            flags[row] = 2
+        else:
+            for a, arr in arrays.items():
+                arr[row] = sample[a].numpy()
+            flags[row] = 1
+        if time.perf_counter() - last_flush > FLUSH_EVERY_S:
+            flush()
+            last_flush = time.perf_counter()
+    flush()
+    return len(todo)

@@ -2,7 +2,7 @@
 
     multifair data synth fairvision|fairvlmed|table OUT [--size small|full] [--scenario ...] [knobs]
     multifair data inspect ROOT|CONFIG.yaml [--kind ...] [--deep] [--json FILE]
-    multifair data prepare ROOT [CACHE] [--image-size 224] [--oct-slices 10] [--workers 2]
+    multifair data prepare ROOT|CONFIG.yaml [CACHE] [--image-size 224] [--oct-slices 10] [--workers 2]
 
 `inspect` exits 1 when it found problems (0 when clean), so scripts can gate on it.
 """
@@ -124,7 +124,10 @@ def add_parser(subparsers: Any) -> None:
     prep = sub.add_parser("prepare", help="write the memory-mapped uint8 preprocessing cache")
     prep.add_argument("root", type=Path, help="dataset folder, or a YAML data config")
     prep.add_argument(
-        "cache", type=Path, nargs="?", help="cache folder (default ROOT/.multifair_cache)"
+        "cache",
+        type=Path,
+        nargs="?",
+        help="cache folder (default ROOT/.multifair_cache; a table: beside the table file)",
     )
     prep.add_argument("--kind", choices=["fairvision", "fairvlmed"], help="default: detected")
     prep.add_argument("--image-size", type=int, help="default 224 (or the config's)")
@@ -221,8 +224,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if args.root.is_file():
         cfg = load_data_config(args.root)
-        if cfg.kind == "table":
-            raise UserError("data prepare: kind table needs no cache (it is read into memory once)")
     else:
         if not args.root.is_dir():
             raise UserError(f"data prepare: {args.root} is not a folder or a config file")
@@ -240,11 +241,13 @@ def _prepare(args: argparse.Namespace) -> int:
     summary = prepare_cache(
         cfg, args.cache, splits, workers=args.workers, progress=not args.no_progress
     )
+    # a table caches each file its path columns name, per modality; a tree, samples per split
+    parts, unit = (summary["stores"], "files") if cfg.kind == "table" else (summary["splits"], "samples")  # fmt: skip
     print(
         f"cache: {summary['directory']} ({summary['bytes'] / 2**20:.1f} MiB, {summary['seconds']:.1f} s)"
     )
-    for split, s in summary["splits"].items():
-        print(f"  {split}: {s['n']} samples ({s['written']} written now, {s['bad']} bad)")
-    where = args.cache if args.cache is not None else "(default: found under ROOT automatically)"
+    for name, s in parts.items():
+        print(f"  {name}: {s['n']} {unit} ({s['written']} written now, {s['bad']} bad)")
+    where = args.cache if args.cache is not None else "(default: found automatically)"
     print(f"use it with data.cache: {where}")
     return 0

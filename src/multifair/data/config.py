@@ -7,10 +7,11 @@ kind are rejected when set (so a typo'd or misplaced key fails at load time, nam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from multifair.errors import UserError
 
@@ -57,18 +58,54 @@ class AttributeColumn(_Strict):
     unknown_values: list[str | int | float] = Field(default_factory=list)
 
 
+CLIP_QUANTILES: tuple[float, float] = (0.005, 0.995)
+
+
+class ColumnTransform(_Strict):
+    """A per-column transform of a numeric table column, fitted on the training rows.
+
+    `log1p`: log(1 + x) (needs x > -1; nothing fitted). `clip`: clip to the training
+    `quantiles` (default 0.5% and 99.5%). `rank`: the training empirical CDF, interpolated
+    (values in (0, 1)). Missing values stay missing (imputed afterwards). Written as just the
+    name (`tsh: log1p`) or as a mapping (`crp: {kind: clip, quantiles: [0.01, 0.99]}`).
+    """
+
+    kind: Literal["log1p", "clip", "rank"]
+    quantiles: tuple[float, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _check_quantiles(self) -> ColumnTransform:
+        if self.kind != "clip":
+            if self.quantiles is not None:
+                raise ValueError(f"`quantiles` is for clip, not {self.kind}")
+            return self
+        if self.quantiles is None:
+            self.quantiles = CLIP_QUANTILES
+        low, high = self.quantiles
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1 (got {[low, high]})")
+        return self
+
+
 class TableModality(_Strict):
     """One modality of a table.
 
     tabular: `columns` (numbers, booleans and categories mixed; types are detected, and
-    `categorical` forces columns to be treated as categories). image/volume: `column` holds a
-    path (relative to the table file) to an .npz (array `key`), .npy, .png or .jpg file.
-    text: `column` holds the text.
+    `categorical` forces columns to be treated as categories; `transforms` maps numeric
+    columns to a `ColumnTransform`). image/volume: `column` holds a path (relative to the
+    table file) to an .npz (array `key`), .npy, .png or .jpg file. text: `column` holds the
+    text.
     """
 
     kind: Literal["tabular", "image", "volume", "text"] = "tabular"
     columns: list[str] = Field(default_factory=list)
     categorical: list[str] = Field(default_factory=list)
+    transforms: dict[str, ColumnTransform] = Field(default_factory=dict)
     column: str | None = None
     key: str | None = None
 
@@ -82,7 +119,17 @@ class TableModality(_Strict):
             missing = [c for c in self.categorical if c not in self.columns]
             if missing:
                 raise ValueError(f"categorical columns {missing} are not in `columns`")
+            missing = [c for c in self.transforms if c not in self.columns]
+            if missing:
+                raise ValueError(f"transforms: columns {missing} are not in `columns`")
+            both = [c for c in self.transforms if c in self.categorical]
+            if both:
+                raise ValueError(
+                    f"transforms: columns {both} are categorical (transforms need numbers)"
+                )
         else:
+            if self.transforms:
+                raise ValueError(f"`transforms` is for tabular modalities, not {self.kind}")
             if self.column is None:
                 raise ValueError(f"a {self.kind} modality needs `column` (the path/text column)")
             if self.columns:
@@ -127,7 +174,15 @@ class SplitSpec(_Strict):
 _KIND_FIELDS: dict[str, set[str]] = {
     "fairvision": {"root", "label_key", "disease"},
     "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note"},
-    "table": {"path", "label", "attribute_columns", "columns", "split", "id_column"},
+    "table": {
+        "path",
+        "label",
+        "attribute_columns",
+        "columns",
+        "split",
+        "id_column",
+        "missing_values",
+    },
 }
 _ALL_KIND_FIELDS = set().union(*_KIND_FIELDS.values())
 
@@ -169,6 +224,27 @@ class DataConfig(_Strict):
     columns: dict[str, TableModality] = Field(default_factory=dict)
     split: SplitSpec = Field(default_factory=SplitSpec)
     id_column: str | None = None
+    # sentinel values that mean "not measured": column -> values, "*" -> every feature and
+    # attribute column (a column's own list adds to "*"); matched before types are inferred
+    missing_values: dict[str, list[str | int | float]] = Field(default_factory=dict)
+
+    @field_validator("missing_values")
+    @classmethod
+    def _check_missing_values(
+        cls, value: dict[str, list[str | int | float]], info: ValidationInfo
+    ) -> dict[str, list[str | int | float]]:
+        for column, sentinels in value.items():
+            if any(isinstance(v, str) and not v.strip() for v in sentinels):
+                raise ValueError(f"{column}: an empty sentinel is already missing; remove it")
+        if {"columns", "attribute_columns", "attribute"} <= set(info.data):  # all validated
+            known = _sentinel_columns(info.data)
+            unknown = sorted(set(value) - {"*"} - set(known))
+            if unknown:
+                raise ValueError(
+                    f"{unknown} are not feature or attribute columns of this config "
+                    f"(use '*' for all of them; columns: {known})"
+                )
+        return value
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataConfig:
@@ -195,9 +271,23 @@ class DataConfig(_Strict):
             raise ValueError("attributes: give at least one attribute, or leave it out for all")
         return self
 
+    def sentinel_columns(self) -> list[str]:
+        """The table columns `missing_values` applies to: tabular features and attributes."""
+        return _sentinel_columns(self.__dict__)
+
     def label_spec(self) -> LabelSpec:
         assert self.label is not None
         return LabelSpec(column=self.label) if isinstance(self.label, str) else self.label
+
+
+def _sentinel_columns(fields: Mapping[str, Any]) -> list[str]:
+    """Tabular feature columns and attribute columns, from validated DataConfig fields."""
+    columns = [c for m in fields["columns"].values() for c in m.columns]
+    names = [fields["attribute"], *(fields.get("attributes") or []), *fields["attribute_columns"]]
+    for name in names:
+        spec = fields["attribute_columns"].get(name, name)
+        columns.append(spec if isinstance(spec, str) else spec.column)
+    return list(dict.fromkeys(columns))
 
 
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:

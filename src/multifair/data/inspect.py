@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from multifair.console import bars_enabled
@@ -35,6 +36,10 @@ from multifair.data.formats import (
 )
 from multifair.data.transforms import fundus_uint8, oct_uint8
 from multifair.errors import UserError
+
+SKEW_LIMIT = 2.0  # |skew| above this flags a numeric column for a transform
+MISSINGNESS_P = 0.01  # chi-square p below this (and a >= 5-point spread) flags a modality
+MISSINGNESS_SPREAD = 0.05
 
 
 def detect_kind(root: Path) -> str:
@@ -279,16 +284,74 @@ def _check_csv(path: Path, labels: dict[str, int], kind: str) -> dict[str, Any]:
     return out
 
 
+def suggest_transform(values: pd.Series) -> tuple[float | None, str | None]:
+    """(sample skewness, suggested transform or None) of a numeric column's observed values:
+    |skew| > 2 with no negative value -> log1p, other |skew| > 2 -> rank."""
+    x = pd.to_numeric(values, errors="coerce").dropna()
+    if len(x) < 3 or x.nunique() < 3:
+        return None, None
+    skew = float(x.skew())
+    if abs(skew) <= SKEW_LIMIT:
+        return skew, None
+    return skew, "log1p" if skew > 0 and x.min() >= 0 else "rank"
+
+
+def group_missingness(
+    frame: pd.DataFrame, cfg: DataConfig, attributes: Sequence[str]
+) -> dict[str, Any]:
+    """Per attribute and modality, per group: rows with a missing value (share), missing cells
+    (share), and a chi-square test of rows-with-a-missing-value against group. Missingness
+    that differs by group is itself a fairness finding (the model sees less of some groups)."""
+    from scipy.stats import chi2_contingency
+
+    from multifair.data.table import _attribute_codes, _attribute_spec, _raw_key, fit_attribute
+
+    out: dict[str, Any] = {}
+    for a in attributes:
+        spec = _attribute_spec(cfg, a)
+        values = frame[spec.column].tolist()
+        fitted = fit_attribute(values, spec)
+        codes, _ = _attribute_codes(values, spec, fitted)
+        out[a] = {}
+        for m, mod in cfg.columns.items():
+            columns = mod.columns if mod.kind == "tabular" else [mod.column]
+            cells = np.array([[_raw_key(v) is None for v in frame[c].tolist()] for c in columns]).T
+            rows = cells.any(axis=1)
+            groups, counts = {}, []
+            for code, name in fitted["names"].items():
+                sel = codes == int(code)
+                if not sel.any():
+                    continue
+                groups[str(name)] = {
+                    "n": int(sel.sum()),
+                    "rows": float(rows[sel].mean()),
+                    "cells": float(cells[sel].mean()),
+                }
+                counts.append([int(rows[sel].sum()), int((~rows[sel]).sum())])
+            table = np.array(counts)
+            p = 1.0
+            if len(counts) > 1 and table[:, 0].sum() > 0 and table[:, 1].sum() > 0:
+                p = float(chi2_contingency(table).pvalue)
+            shares = [g["rows"] for g in groups.values()]
+            spread = max(shares) - min(shares) if shares else 0.0
+            differs = p < MISSINGNESS_P and spread >= MISSINGNESS_SPREAD
+            out[a][m] = {"groups": groups, "p": p, "differs": bool(differs)}
+    return out
+
+
 def inspect_table(cfg: DataConfig) -> dict[str, Any]:
-    """Inspect a table config: columns as read, split sizes, label balance, bad rows."""
+    """Inspect a table config: sentinel cells, columns as read (type, missing, skew and a
+    suggested transform), split sizes, label balance, missingness by group, bad rows."""
     from multifair.data import build_data
-    from multifair.data.table import _column_type, _frames
+    from multifair.data.table import _column_type, _frames, apply_missing_values
 
     frame, _, source, _ = _frames(cfg, SPLITS)
+    frame, sentinels = apply_missing_values(frame, cfg)
     report: dict[str, Any] = {
         "kind": "table",
         "root": source,
         "rows": len(frame),
+        "missing_values": sentinels,
         "splits": {},
         "columns": {},
         "problems": [],
@@ -296,16 +359,21 @@ def inspect_table(cfg: DataConfig) -> dict[str, Any]:
     for m, mod in cfg.columns.items():
         for c in mod.columns if mod.kind == "tabular" else [mod.column]:
             if c in frame.columns:
-                report["columns"][c] = {
-                    "modality": m,
-                    "type": _column_type(frame[c], c in mod.categorical),
-                    "missing": int(frame[c].isna().sum()),
-                }
+                tabular = mod.kind == "tabular"
+                kind = _column_type(frame[c], c in mod.categorical) if tabular else mod.kind
+                entry = {"modality": m, "type": kind, "missing": int(frame[c].isna().sum())}
+                if tabular and kind == "numeric":
+                    entry["skew"], suggestion = suggest_transform(frame[c])
+                    if c in mod.transforms:
+                        entry["transform"] = mod.transforms[c].kind
+                    elif suggestion is not None:
+                        entry["suggest"] = suggestion
+                report["columns"][c] = entry
     bundle = build_data(cfg.model_copy(update={"skip_bad": True}))
     report["problems"] = list(bundle.skipped)
     for split, ds in bundle.datasets.items():
         y = bundle.labels(split)
-        entry: dict[str, Any] = {
+        entry = {
             "files": len(ds),
             "readable": len(ds),
             "positives": int(y.sum()),
@@ -322,6 +390,13 @@ def inspect_table(cfg: DataConfig) -> dict[str, Any]:
             entry["attributes"][a] = table
         report["splits"][split] = entry
     report["shapes"] = {m: f"{s.kind} {list(s.shape)}" for m, s in bundle.modalities.items()}
+    if any(s.kind in ("image", "volume") for s in bundle.modalities.values()):
+        report["image_cache"] = (
+            "used (the memory-mapped uint8 cache is valid)"
+            if bundle.source == "cache"
+            else "not used: files decoded per sample (`multifair data prepare CONFIG` builds it)"
+        )
+    report["missingness"] = group_missingness(frame, cfg, bundle.attributes)
     return report
 
 
@@ -373,12 +448,7 @@ def format_report(report: dict[str, Any], max_problems: int = 20) -> str:
     if report.get("shapes"):
         lines.append("shapes and dtypes:")
         lines.extend(f"  {k}: {v}" for k, v in report["shapes"].items())
-    if report.get("columns"):
-        lines.append("columns:")
-        lines.extend(
-            f"  {c}: {v['modality']}, {v['type']}, {v['missing']} missing"
-            for c, v in report["columns"].items()
-        )
+    lines.extend(_table_lines(report))
     if report.get("csv"):
         lines.append(f"csv check: {report['csv']}")
     problems = report["problems"]
@@ -389,3 +459,38 @@ def format_report(report: dict[str, Any], max_problems: int = 20) -> str:
     if len(problems) > max_problems:
         lines.append(f"  ... {len(problems) - max_problems} more (see --json)")
     return "\n".join(lines)
+
+
+def _table_lines(report: dict[str, Any]) -> list[str]:
+    """The table-only parts of a report: sentinels, columns, suggested transforms, missingness
+    by group."""
+    from multifair.data.table import describe_sentinel
+
+    lines = [f"image cache: {report['image_cache']}"] if report.get("image_cache") else []
+    if report.get("missing_values"):
+        lines.append("missing_values:")
+        lines.extend(f"  {describe_sentinel(count)}" for count in report["missing_values"])
+    if report.get("columns"):
+        lines.append("columns:")
+        for c, v in report["columns"].items():
+            skew = f", skew {v['skew']:.1f}" if v.get("skew") is not None else ""
+            done = f" ({v['transform']})" if v.get("transform") else ""
+            lines.append(f"  {c}: {v['modality']}, {v['type']}, {v['missing']} missing{skew}{done}")
+    suggested: dict[str, list[str]] = {}
+    for c, v in report.get("columns", {}).items():
+        if v.get("suggest"):
+            suggested.setdefault(v["modality"], []).append(f"{c}: {v['suggest']}")
+    if suggested:
+        lines.append(f"skewed columns (|skew| > {SKEW_LIMIT:g}); suggested config lines:")
+        for m, items in suggested.items():
+            lines.append(f"  columns.{m}.transforms: {{{', '.join(items)}}}")
+    for a, modalities in report.get("missingness", {}).items():
+        for m, e in modalities.items():
+            if not any(g["rows"] for g in e["groups"].values()):
+                continue
+            parts = ", ".join(
+                f"{g} {v['rows']:.0%} ({v['cells']:.0%} of cells)" for g, v in e["groups"].items()
+            )
+            flag = f"  <- differs by group (chi-square p={e['p']:.1g})" if e["differs"] else ""
+            lines.append(f"missing {m} by {a}: rows {parts}{flag}")
+    return lines

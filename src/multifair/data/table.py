@@ -10,6 +10,10 @@ applies exactly the same transform to new data:
   (+ indicator);
 - categories: one-hot over the training categories (unseen or missing -> all zeros, + an
   indicator when the training split had missing values).
+Before any of this, `missing_values` sentinels ("not measured" written as 0, -999, "?", ...)
+become missing cells, so type inference and the statistics never see them; numeric columns
+may carry a per-column transform (`log1p`, `clip` to training quantiles, `rank` to the
+training CDF) applied before imputation and standardisation and stored with the rest.
 Labels and attributes may be strings; group names are kept for reports.
 
 `path: sklearn:diabetes` loads scikit-learn's bundled diabetes data (no download); see
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,8 +35,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from multifair.data import cache
 from multifair.data.bundle import DataBundle, ModalitySpec, check_state, state_group_names
-from multifair.data.config import SPLITS, AttributeColumn, DataConfig, LabelSpec, SplitSpec
+from multifair.data.config import (
+    SPLITS,
+    AttributeColumn,
+    ColumnTransform,
+    DataConfig,
+    LabelSpec,
+    SplitSpec,
+)
 from multifair.data.formats import (
     FALSE_STRINGS,
     SPLIT_FOLDERS,
@@ -48,6 +61,7 @@ log = logging.getLogger(__name__)
 
 SKLEARN_PREFIX = "sklearn:"
 NUMERIC_SHARE = 0.9  # a column whose cells are >= 90% numbers is numeric; the rest are bad cells
+RANK_KNOTS = 1001  # most knots a fitted `rank` transform keeps (its CDF is exact to ~1/1000)
 _RULE = re.compile(r"^\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
 
 
@@ -95,6 +109,71 @@ def _require_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -
         if column not in frame.columns:
             shown = list(map(str, frame.columns))
             raise UserError(f"{source}: column {column!r} not found (columns: {shown})")
+
+
+# ---- sentinel missing values ---------------------------------------------------------------------
+def _as_number(value: Any) -> float | None:
+    try:
+        x = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _number_or_nan(value: Any) -> float:
+    """A cell as a number for sentinel matching; booleans and text are not numbers."""
+    x = None if isinstance(value, (bool, np.bool_)) else _as_number(value)
+    return math.nan if x is None else x
+
+
+def sentinel_masks(values: pd.Series, sentinels: Sequence[str | int | float]) -> list[np.ndarray]:
+    """Per sentinel, the cells equal to it: numerically when both sides are numbers (0 ==
+    "0.0" == 0.0), else as text after stripping whitespace ("NA " == "NA")."""
+    cells = values.tolist()
+    texts = np.array([v.strip() if isinstance(v, str) else None for v in cells], dtype=object)
+    numbers = np.array([_number_or_nan(v) for v in cells], dtype=np.float64)
+    masks = []
+    for sentinel in sentinels:
+        mask = np.zeros(len(cells), dtype=bool)
+        number = _as_number(sentinel)
+        if number is not None:
+            mask |= numbers == number
+        if isinstance(sentinel, str):
+            mask |= texts == sentinel.strip()
+        masks.append(mask)
+    return masks
+
+
+def apply_missing_values(
+    frame: pd.DataFrame, cfg: DataConfig
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """The frame with every `missing_values` sentinel cell set to missing, and the counts
+    [{column, value, cells}] (explicit per-column entries even when 0; '*' when it matched)."""
+    if not cfg.missing_values:
+        return frame, []
+    frame = frame.copy()
+    counts = []
+    every = cfg.missing_values.get("*", [])
+    for column in cfg.sentinel_columns():
+        if column not in frame.columns:
+            continue  # reported by the column check that follows
+        own = cfg.missing_values.get(column, [])
+        sentinels = list(dict.fromkeys([*own, *every]))
+        if not sentinels:
+            continue
+        masks = sentinel_masks(frame[column], sentinels)
+        for value, mask in zip(sentinels, masks):
+            if mask.any() or value in own:
+                counts.append({"column": column, "value": value, "cells": int(mask.sum())})
+        frame[column] = frame[column].mask(np.logical_or.reduce(masks))
+    return frame, counts
+
+
+def describe_sentinel(count: Mapping[str, Any]) -> str:
+    """'172 cells of chol equal 0: treated as missing'."""
+    return (
+        f"{count['cells']} cells of {count['column']} equal {count['value']!r}: treated as missing"
+    )
 
 
 # ---- label -------------------------------------------------------------------------------------
@@ -276,17 +355,69 @@ def column_types(frame: pd.DataFrame, spec: Any) -> dict[str, str]:
     return {c: _column_type(frame[c], c in spec.categorical) for c in spec.columns}
 
 
-def cell_errors(frame: pd.DataFrame, types: dict[str, str]) -> list[str]:
-    """Per row, the first cell that does not parse as its column's type ("" = fine)."""
+def cell_errors(
+    frame: pd.DataFrame, types: dict[str, str], transforms: Mapping[str, str] | None = None
+) -> list[str]:
+    """Per row, the first cell that does not parse as its column's type, or lies outside its
+    transform's domain (log1p: > -1) ("" = fine)."""
     errors = [""] * len(frame)
     for column, kind in types.items():
         if kind == "categorical":
             continue
-        _, errs = (_as_float if kind == "numeric" else _as_bool)(frame[column], column)
+        x, errs = (_as_float if kind == "numeric" else _as_bool)(frame[column], column)
+        if (transforms or {}).get(column) == "log1p":
+            for i in np.flatnonzero(x <= -1.0):
+                errs[i] = errs[i] or f"row {i}: column {column!r}: {x[i]:g} is not > -1 (log1p)"
         for i, e in enumerate(errs):
             if e and not errors[i]:
                 errors[i] = e
     return errors
+
+
+def check_transforms(
+    modality: str, types: Mapping[str, str], transforms: Mapping[str, str]
+) -> None:
+    """Transforms are for numeric columns: anything else is a config error naming the key."""
+    for column, kind in transforms.items():
+        if types[column] != "numeric":
+            raise UserError(
+                f"data.columns.{modality}.transforms.{column}: {kind} needs a numeric column; "
+                f"{column!r} reads as {types[column]}"
+            )
+
+
+def fit_transform(observed: np.ndarray, spec: ColumnTransform, column: str) -> dict[str, Any]:
+    """The fitted form of one column transform, from the training rows' observed values."""
+    if spec.kind == "log1p":
+        return {"kind": "log1p"}
+    if observed.size == 0:
+        raise UserError(
+            f"column {column!r} has no observed value in the training rows; cannot fit {spec.kind}"
+        )
+    if spec.kind == "clip":
+        assert spec.quantiles is not None
+        low, high = np.quantile(observed, spec.quantiles)
+        return {
+            "kind": "clip",
+            "quantiles": list(spec.quantiles),
+            "low": float(low),
+            "high": float(high),
+        }
+    # rank: mid-rank empirical CDF at the distinct values, thinned to RANK_KNOTS knots
+    values, counts = np.unique(observed, return_counts=True)
+    cdf = (np.cumsum(counts) - counts / 2.0) / observed.size
+    keep = np.unique(np.round(np.linspace(0, len(values) - 1, RANK_KNOTS)).astype(np.int64))
+    return {"kind": "rank", "x": values[keep].tolist(), "cdf": cdf[keep].tolist()}
+
+
+def apply_transform(x: np.ndarray, fitted: Mapping[str, Any]) -> np.ndarray:
+    """A fitted column transform on float64 values; NaN (missing) stays NaN."""
+    if fitted["kind"] == "log1p":
+        return np.log1p(x)
+    if fitted["kind"] == "clip":
+        return np.clip(x, fitted["low"], fitted["high"])
+    # outside the training range np.interp holds the end values
+    return np.where(np.isnan(x), np.nan, np.interp(x, fitted["x"], fitted["cdf"]))
 
 
 def _as_float(values: pd.Series, column: str) -> tuple[np.ndarray, list[str]]:
@@ -320,8 +451,14 @@ def _as_bool(values: pd.Series, column: str) -> tuple[np.ndarray, list[str]]:
     return out, errors
 
 
-def fit_features(frame: pd.DataFrame, types: dict[str, str]) -> list[dict[str, Any]]:
-    """Per-column transforms fitted on the training rows `frame` (bad cells already removed)."""
+def fit_features(
+    frame: pd.DataFrame,
+    types: dict[str, str],
+    transforms: Mapping[str, ColumnTransform] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-column transforms fitted on the training rows `frame` (bad cells already removed).
+    A numeric column's `transforms` entry is fitted first; its median, mean and std are then
+    those of the transformed values."""
     fitted = []
     for column, kind in types.items():
         values = frame[column]
@@ -334,6 +471,10 @@ def fit_features(frame: pd.DataFrame, types: dict[str, str]) -> list[dict[str, A
             x, _ = (_as_float if kind == "numeric" else _as_bool)(values, column)
             observed = x[~np.isnan(x)]
             entry["indicator"] = bool(np.isnan(x).any())
+            spec = (transforms or {}).get(column)
+            if spec is not None:
+                entry["transform"] = fit_transform(observed, spec, column)
+                observed = apply_transform(observed, entry["transform"])
             if kind == "numeric":
                 fill = float(np.median(observed)) if observed.size else 0.0
                 mean = float(observed.mean()) if observed.size else 0.0
@@ -382,6 +523,8 @@ def transform_features(
                 if e and not errors[i]:
                     errors[i] = e
             missing = np.isnan(x)
+            if "transform" in entry:
+                x = apply_transform(x, entry["transform"])
             x = np.where(missing, entry["fill"], x)
             if entry["type"] == "numeric":
                 x = (x - entry["mean"]) / entry["std"]
@@ -392,9 +535,73 @@ def transform_features(
 
 
 # ---- dataset ------------------------------------------------------------------------------------
+class PathReader:
+    """One image/volume modality decoded from its files into the uint8 tensor the model reads:
+    fundus-style (C, S, S) for images, (K, S, S) for volumes. The slow path the cache replaces
+    (and what `prepare_image_cache` runs, through `load_modalities`)."""
+
+    def __init__(
+        self,
+        modality: str,
+        kind: str,
+        paths: Sequence[str],
+        key: str | None,
+        image_size: int,
+        oct_slices: int,
+    ) -> None:
+        self.modality = modality
+        self.kind = kind
+        self.paths = list(paths)
+        self.key = key
+        self.image_size = image_size
+        self.oct_slices = oct_slices
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        arr = read_array(path, self.key)
+        try:
+            if self.kind == "image":
+                return fundus_uint8(arr, self.image_size, self.key or "pixels")
+            return oct_uint8(arr, self.oct_slices, self.image_size, self.key or "volume")
+        except BadValue as exc:
+            raise BadFile(path, exc.where, exc.message) from None
+
+    def load_modalities(self, index: int) -> dict[str, torch.Tensor]:
+        """The cache writer's interface: {modality: uint8 tensor}."""
+        return {self.modality: self[index]}
+
+
+class MappedRows:
+    """One modality read from the memory-mapped cache: sample i is row `rows[i]` of a
+    (N, C|K, S, S) uint8 array. The map is opened lazily in each process (DataLoader workers
+    included), so the dataset pickles cheaply."""
+
+    def __init__(self, path: Path, rows: np.ndarray) -> None:
+        self.path = Path(path)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self._map: np.ndarray | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_map": None, "_pid": -1}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self._pid != os.getpid():
+            self._map, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
+        assert self._map is not None
+        return torch.from_numpy(np.array(self._map[self.rows[index]]))
+
+
 class TableDataset(Dataset):
     """Rows of a table as sample dicts: tabular modalities are precomputed float32 rows;
-    image/volume modalities are read from their path column on access; text as is."""
+    image/volume modalities come from `images` (decoded from their files, or cached); text
+    as is."""
 
     def __init__(
         self,
@@ -403,36 +610,21 @@ class TableDataset(Dataset):
         codes: dict[str, np.ndarray],
         train_attribute: str,
         tabular: dict[str, np.ndarray],
-        paths: dict[str, tuple[str, list[str], str | None]],
+        images: dict[str, PathReader | MappedRows],
         texts: dict[str, list[str]],
         order: Sequence[str],
-        image_size: int,
-        oct_slices: int,
     ) -> None:
         self.sample_ids = sample_ids
         self.labels = labels
         self.codes = codes
         self.train_attribute = train_attribute
         self.tabular = {m: torch.from_numpy(np.ascontiguousarray(x)) for m, x in tabular.items()}
-        self.paths = paths  # modality -> (kind, paths, npz key)
+        self.images = images
         self.texts = texts
         self.order = list(order)
-        self.image_size = image_size
-        self.oct_slices = oct_slices
 
     def __len__(self) -> int:
         return len(self.sample_ids)
-
-    def _read(self, modality: str, index: int) -> torch.Tensor:
-        kind, paths, key = self.paths[modality]
-        path = paths[index]
-        arr = read_array(path, key)
-        try:
-            if kind == "image":
-                return fundus_uint8(arr, self.image_size, key or "pixels")
-            return oct_uint8(arr, self.oct_slices, self.image_size, key or "volume")
-        except BadValue as exc:
-            raise BadFile(path, exc.where, exc.message) from None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample: dict[str, Any] = {}
@@ -442,7 +634,7 @@ class TableDataset(Dataset):
             elif m in self.texts:
                 sample[m] = self.texts[m][index]
             else:
-                sample[m] = self._read(m, index)
+                sample[m] = self.images[m][index]
         codes = {a: int(c[index]) for a, c in self.codes.items()}
         sample.update(
             label=int(self.labels[index]),
@@ -479,11 +671,128 @@ def read_array(path: str, key: str | None) -> np.ndarray:
         raise BadFile(path, None, "reading images needs pillow") from None
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L") if img.mode not in ("L", "RGB") else img)
+            return np.array(img.convert("L") if img.mode not in ("L", "RGB") else img)
     except FileNotFoundError:
         raise BadFile(path, None, "file not found") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise BadFile(path, None, f"unreadable image ({exc})") from None
+
+
+# ---- image/volume path columns and their cache -------------------------------------------------
+def resolve_paths(
+    values: Sequence[Any], column: str, base: Path
+) -> tuple[list[str | None], list[str]]:
+    """The file each row's path cell names (relative paths: from the table's folder); an empty
+    cell is None and a row error."""
+    files: list[str | None] = []
+    errors = [""] * len(values)
+    for i, raw in enumerate(values):
+        key = _raw_key(raw)
+        if key is None:
+            errors[i] = f"row {i}: column {column!r}: empty path"
+            files.append(None)
+            continue
+        path = Path(key)
+        files.append(str(path if path.is_absolute() else base / path))
+    return files, errors
+
+
+def unique_files(files: Sequence[str | None]) -> list[str]:
+    """The cache's rows for one modality: each named file once, sorted (several table rows may
+    name one file, and reordering the table does not invalidate the cache)."""
+    return sorted({f for f in files if f is not None})
+
+
+def image_cache_settings(cfg: DataConfig) -> dict[str, Any]:
+    """Everything that changes a table's cached tensors (all its image/volume modalities are
+    cached, so any `modalities` subset can use the cache)."""
+    return {
+        "format": cache.FORMAT_VERSION,
+        "kind": "table",
+        "image_size": cfg.image_size,
+        "oct_slices": cfg.oct_slices,
+        "modalities": {
+            m: [mod.kind, mod.key]
+            for m, mod in cfg.columns.items()
+            if mod.kind in ("image", "volume")
+        },
+    }
+
+
+def find_image_cache(
+    cfg: DataConfig, base: Path, files: Mapping[str, Sequence[str | None]]
+) -> dict[str, cache.OpenStore] | None:
+    """The verified cache of these modalities' files (`data.cache`, or TABLE_FOLDER/
+    .multifair_cache when it holds a valid one), or None to decode the files."""
+    stores = cache.find_stores(
+        cfg.cache,
+        base / cache.DEFAULT_DIRNAME,
+        image_cache_settings(cfg),
+        lambda: {m: cache.fingerprint_files(base, unique_files(f)) for m, f in files.items()},
+        prepare="multifair data prepare CONFIG [CACHE]",
+    )
+    if stores is not None:
+        log.info(
+            "reading %s from the cache under %s",
+            sorted(files),
+            cfg.cache or base / cache.DEFAULT_DIRNAME,
+        )
+    return stores
+
+
+def _cached_bad_rows(
+    store: cache.OpenStore, files: Sequence[str | None], column: str, base: Path
+) -> list[str]:
+    """Row errors for the files `data prepare --skip-bad` recorded as bad."""
+    problems = {}
+    for bad in store.bad:
+        problems[bad["file"]] = problems[str(base / bad["file"])] = bad["problem"]
+    bad_files = set(np.asarray(unique_files(files), dtype=object)[store.flags == 2].tolist())
+    return [
+        f"row {i}: column {column!r}: {f}: {problems.get(f, 'recorded as bad by data prepare')}"
+        if f in bad_files
+        else ""
+        for i, f in enumerate(files)
+    ]
+
+
+def prepare_image_cache(
+    cfg: DataConfig, cache_base: Path | None = None, workers: int = 0, progress: bool = True
+) -> dict[str, Any]:
+    """`multifair data prepare CONFIG` for a table: decode every file its image/volume path
+    columns name into the memory-mapped uint8 cache (default TABLE_FOLDER/.multifair_cache),
+    resumably. Bad files raise unless `skip_bad` (then they are recorded)."""
+    frame, _, source, base = _frames(cfg, SPLITS)
+    modalities = [m for m, mod in cfg.columns.items() if mod.kind in ("image", "volume")]
+    if not modalities:
+        raise UserError(f"data prepare: {source} has no image or volume path column to cache")
+    _require_columns(frame, [cfg.columns[m].column for m in modalities], source)  # type: ignore[misc]
+    stores = []
+    for m in modalities:
+        mod = cfg.columns[m]
+        files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base)
+        reader = PathReader(m, mod.kind, unique_files(files), mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
+        shape = _stored_shape(reader, cfg.skip_bad, source)
+        stores.append(cache.RowStore(m, cache.fingerprint_files(base, reader.paths), {m: shape}, reader))  # fmt: skip
+    target = Path(cache_base) if cache_base is not None else base / cache.DEFAULT_DIRNAME
+    return cache.prepare_stores(
+        target, image_cache_settings(cfg), stores, cfg.skip_bad, workers, progress
+    )
+
+
+def _stored_shape(reader: PathReader, skip_bad: bool, source: str) -> list[int]:
+    """Per-row shape of a modality's cached array: (K, S, S) for volumes; for images the
+    channels of the first readable file (1 gray, 3 colour)."""
+    size = reader.image_size
+    if reader.kind == "volume":
+        return [reader.oct_slices, size, size]
+    for i in range(len(reader)):
+        try:
+            return list(reader[i].shape)
+        except BadFile:
+            if not skip_bad:
+                raise
+    raise UserError(f"{source}: no readable file in the {reader.modality} path column")
 
 
 # ---- build ------------------------------------------------------------------------------------
@@ -518,6 +827,10 @@ def build(
 ) -> DataBundle:
     """Load, split, fit (on train, unless `state` brings a fitted transform) and wrap a table."""
     frame, file_splits, source, base = _frames(cfg, splits)
+    frame, sentinels = apply_missing_values(frame, cfg)
+    if sentinels:
+        cells = sum(count["cells"] for count in sentinels)
+        log.info("%s: %d sentinel cell(s) treated as missing (data inspect lists them)", source, cells)  # fmt: skip
     label_spec = cfg.label_spec()
     order = list(cfg.columns) if cfg.modalities is None else list(dict.fromkeys(cfg.modalities))
     unknown_modalities = [m for m in order if m not in cfg.columns]
@@ -581,11 +894,26 @@ def build(
         if state is not None:
             if m not in fitted_all["features"]:
                 raise UserError(f"data state has no fitted features for modality {m!r}")
-            types[m] = {e["column"]: e["type"] for e in fitted_all["features"][m]}
+            entries = fitted_all["features"][m]
+            types[m] = {e["column"]: e["type"] for e in entries}
+            transforms = {e["column"]: e["transform"]["kind"] for e in entries if "transform" in e}
             _require_columns(frame, list(types[m]), source)
         else:
             types[m] = column_types(frame, cfg.columns[m])
-        merge(cell_errors(frame, types[m]))
+            transforms = {c: t.kind for c, t in cfg.columns[m].transforms.items()}
+            check_transforms(m, types[m], transforms)
+        merge(cell_errors(frame, types[m], transforms))
+
+    # image/volume path columns: the file of each row, read from the cache when it holds them
+    image_mods = [m for m in order if cfg.columns[m].kind in ("image", "volume")]
+    files: dict[str, list[str | None]] = {}
+    for m in image_mods:
+        files[m], errs = resolve_paths(frame[cfg.columns[m].column].tolist(), cfg.columns[m].column, base)  # fmt: skip
+        merge(errs)
+    stores = find_image_cache(cfg, base, files) if image_mods else None
+    if stores is not None:
+        for m in image_mods:
+            merge(_cached_bad_rows(stores[m], files[m], cfg.columns[m].column, base))
 
     # split assignment
     if "all" in splits:
@@ -624,7 +952,9 @@ def build(
             raise UserError(f"{source}: the train split is empty; cannot fit preprocessing")
         train_frame = frame.loc[train_rows]
         for m in tabular_mods:
-            fitted_all["features"][m] = fit_features(train_frame, types[m])
+            fitted_all["features"][m] = fit_features(
+                train_frame, types[m], cfg.columns[m].transforms
+            )
 
     ids_all = (
         [str(v) for v in frame[cfg.id_column].tolist()]
@@ -642,18 +972,19 @@ def build(
             x, errs = transform_features(part, fitted_all["features"][m])
             assert not any(errs), "bad cells are removed before the split"
             tabular[m] = x
-        paths, texts = {}, {}
+        images: dict[str, PathReader | MappedRows] = {}
+        texts = {}
         for m in order:
             mod = cfg.columns[m]
             if mod.kind in ("image", "volume"):
-                resolved = []
-                for raw in part[mod.column].tolist():
-                    key = _raw_key(raw)
-                    if key is None:
-                        raise UserError(f"{source}: column {mod.column!r}: empty path")
-                    p = Path(key)
-                    resolved.append(str(p if p.is_absolute() else base / p))
-                paths[m] = (mod.kind, resolved, mod.key)
+                split_files = [str(files[m][i]) for i in rows]
+                if stores is None:
+                    images[m] = PathReader(m, mod.kind, split_files, mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
+                else:
+                    at = {f: r for r, f in enumerate(unique_files(files[m]))}
+                    images[m] = MappedRows(
+                        stores[m].arrays[m], np.array([at[f] for f in split_files])
+                    )
             elif mod.kind == "text":
                 texts[m] = [
                     "" if _raw_key(v) is None else str(v) for v in part[mod.column].tolist()
@@ -664,11 +995,9 @@ def build(
             {a: c[rows] for a, c in codes.items()},
             cfg.attribute,
             tabular,
-            paths,
+            images,
             texts,
             order,
-            cfg.image_size,
-            cfg.oct_slices,
         )
     modalities: dict[str, ModalitySpec] = {}
     s = cfg.image_size
@@ -681,7 +1010,7 @@ def build(
             )
         elif mod.kind == "image":
             first = next(iter(datasets.values()))
-            c = int(first._read(m, 0).shape[0]) if len(first) else 1  # type: ignore[attr-defined]
+            c = int(first.images[m][0].shape[0])  # type: ignore[attr-defined]
             modalities[m] = ModalitySpec(
                 m, "image", (cfg.channels, s, s), cfg.channels, (c, s, s), "uint8"
             )
@@ -699,7 +1028,7 @@ def build(
         attributes=attributes,
         group_names=group_names,
         train_attribute=cfg.attribute,
-        source="table",
+        source="table" if stores is None else "cache",
         skipped=skipped,
         fitted=fitted_all,
     )
