@@ -106,8 +106,38 @@ def make_gather(env: DistEnv):
     return gather
 
 
+def make_mean(env: DistEnv):
+    """The mean over ranks of a detached tensor (one all_reduce); the identity in one process."""
+    if not env.distributed:
+        return _identity
+
+    def mean(t: Tensor) -> Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.div_(env.world_size)
+
+    return mean
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
+
+
+def wrap_ddp(
+    step: nn.Module, env: DistEnv, *, find_unused_parameters: bool = False
+) -> nn.parallel.DistributedDataParallel | None:
+    """`step` (the trainer's forward + loss module) in DistributedDataParallel, or None in one
+    process.
+
+    Buffers are not broadcast every forward (`forward_sync_buffers=False`, one collective per
+    step saved): method state is identical on every rank by construction, and BatchNorm
+    statistics are synchronised before each evaluation (`broadcast_state`). Inputs are not moved (`device_ids`
+    unset): batches are already on the device, and the step context is not a tensor."""
+    if not env.distributed:
+        return None
+    return nn.parallel.DistributedDataParallel(
+        step, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters
+    )
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], env: DistEnv) -> None:
