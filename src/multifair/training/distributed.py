@@ -127,13 +127,13 @@ def wrap_ddp(
     step: nn.Module, env: DistEnv, *, find_unused_parameters: bool = False
 ) -> nn.parallel.DistributedDataParallel | None:
     """`step` (the trainer's forward + loss module) in DistributedDataParallel, or None in one
-    process.
+    process without a process group (a benchmark may form a group of one to measure DDP).
 
     Buffers are not broadcast every forward (`forward_sync_buffers=False`, one collective per
     step saved): method state is identical on every rank by construction, and BatchNorm
     statistics are synchronised before each evaluation (`broadcast_state`). Inputs are not moved (`device_ids`
     unset): batches are already on the device, and the step context is not a tensor."""
-    if not env.distributed:
+    if not (env.distributed or dist.is_initialized()):
         return None
     return nn.parallel.DistributedDataParallel(
         step, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters
