@@ -14,9 +14,9 @@ preset on a fixed per-rank batch, through each way of averaging the gradients:
   and summed with one all_reduce (no overlap with the backward).
 Paths alternate in rounds so that drifting load hits them alike; the table shows the median
 wall time per step (the slower rank's), the ratio to `flat`, and how far each path's parameters
-ended from the flat path's after the same steps (rounding-level differences that AdamW
-amplifies where a gradient is ~0, e.g. attention key biases, and that a method's thresholds
-can amplify further).
+ended from the flat path's after the same steps (each step draws the same dropout masks on
+every path; what is left are rounding-level differences that AdamW amplifies where a gradient
+is ~0, e.g. attention key biases, and that a method's thresholds can amplify further).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class Runner:
         self.method.train()
 
     def __call__(self, batch: dict[str, Any]) -> None:
+        torch.manual_seed(self.step)  # the same dropout masks at the same step on every path
         ctx = StepContext(
             step=self.step, epoch=0, total_steps=10_000, n_groups=3, gather=self.gather,
             scale=self.scaler.scale, model=self.model,
