@@ -242,9 +242,8 @@ def train_step(
             with autocast(device, amp_dtype):
                 # ONE forward pass, then LossOutput(total, parts, signals)
                 out, loss = forward_and_loss(batch, micro_ctx)
-            method.backward(
-                loss, out, batch, micro_ctx
-            )  # default: ctx.scale(loss.total).backward()
+            # default: ctx.scale(loss.total).backward()
+            method.backward(loss, out, batch, micro_ctx)
     # here every rank holds the same averaged gradients: the edits below see what one process
     # training on the global batch would see (average, then modify)
     if scaler.is_enabled():
