@@ -85,6 +85,7 @@ class RayRun:
             # max_retries=0: a failed run is reported, as locally, not silently retried
             _remote = ray.remote(max_retries=0)(_run_command)
         self._ray = ray
+        self.stderr = stderr
         self.ref = _remote.options(num_cpus=threads).remote(
             list(command), str(stdout), str(stderr), threads
         )
@@ -100,8 +101,11 @@ class RayRun:
     def _collect(self) -> None:
         try:
             self.returncode = int(self._ray.get(self.ref))
-        except Exception:  # the task was cancelled or its worker died: a failed run
-            self.returncode = -15
+        except Exception as exc:  # cancelled, its worker died, or the command did not start
+            cancelled = isinstance(exc, self._ray.exceptions.TaskCancelledError)
+            self.returncode = -15 if cancelled else 1
+            with open(self.stderr, "a", encoding="utf-8") as err:  # the failure report's tail
+                err.write(f"\n[ray] {type(exc).__name__}: {exc}\n")
 
     def terminate(self) -> None:
         if self.poll() is None:
