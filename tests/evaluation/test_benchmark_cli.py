@@ -18,6 +18,11 @@ from multifair.cli import main
         (["benchmark", "x.yaml", "--with", "DIR2"], "--with go with `collect DIR`"),
         (["benchmark", "collect", "DIR", "--with", "DIR2"], "DIR: not a benchmark directory"),
         (["report", "no/such/dir"], "not a directory: no/such/dir"),
+        (["benchmark", "x.yaml", "--address", "auto"], "--address goes with --engine ray"),
+        (
+            ["benchmark", "x.yaml", "--engine", "ray", "--launcher", "preloaded"],
+            "--launcher preloaded starts runs on this machine",
+        ),
     ],
 )
 def test_cli_mistakes_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):

@@ -31,14 +31,19 @@ def digest(state: dict) -> str:
     return h.hexdigest()
 
 
+# the diabetes config, 2 epochs, small and quick; a test's own overrides come after these
+COMMON = [
+    "train.epochs=2", "train.batch_size=32", "train.progress=false", "train.device=cpu",
+    "train.threads=1", "model.dim=16", "output.n_boot=0", "output.predictions=[test]",
+]  # fmt: skip
+
+
 def torchrun_train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
     """Train the diabetes config for 2 epochs in two gloo processes on CPU; must succeed."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"), *overrides,
-        "train.epochs=2", "train.batch_size=32", "train.progress=false",
-        "train.device=cpu", "train.threads=1", "model.dim=16", "output.n_boot=0",
-        "output.predictions=[test]", "--out", str(run),
+        "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"), *COMMON, *overrides,
+        "--out", str(run),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
@@ -107,3 +112,58 @@ def test_two_process_group_stacking_fits_the_same_on_both_ranks(tmp_path):
     assert single.loc[frame.index, "score"].to_numpy() == pytest.approx(
         frame["score"].to_numpy(), abs=1e-6
     )
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
+    """DDP: 2 processes x 8 samples x 2 accumulated micro-batches train exactly what one
+    process does with 16 x 2 on the same data order: the two ranks' halves of each sampler
+    chunk are the one process's micro-batch, so averaged gradients, the global-batch signals
+    (gathered) and therefore every step agree. `multifair_released` edits the averaged encoder
+    gradients with factors from those signals, so this also checks average-then-modify and
+    `no_sync` on the first micro-batch. Dropout is off (it draws per-rank random numbers);
+    `drop_last` keeps both runs to the same full batches."""
+    same = [
+        "method.name=multifair_released", "train.accumulate=2", "train.drop_last=true",
+        "train.log_every=2", "model.dropout=0", "model.encoders.vitals.dropout=0",
+        "model.encoders.serum.dropout=0",
+    ]  # fmt: skip
+    torchrun_train(tmp_path / "ddp", *same, "train.batch_size=8")
+    args = ["train", str(CONFIGS / "diabetes.yaml"), *COMMON, *same, "train.batch_size=16"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+
+    # parameters and method state (EMAs, previous AUCs) after every step of 2 epochs
+    ddp, one = (torch.load(tmp_path / r / "checkpoints" / "last.pt") for r in ("ddp", "one"))
+    assert ddp["step"] == one["step"] > 0
+    for key in ("model", "method"):
+        assert ddp[key].keys() == one[key].keys()
+        for name, value in one[key].items():
+            got = ddp[key][name]
+            if name.endswith("self_attn.in_proj_bias"):
+                # the key bias has a zero gradient in exact arithmetic (softmax ignores a
+                # constant shift); AdamW turns its rounding noise into full-size steps, so it
+                # differs at 1e-4 between any two summation orders. Query and value biases count.
+                got, value = got.view(3, -1)[[0, 2]], value.view(3, -1)[[0, 2]]
+            torch.testing.assert_close(got, value, rtol=1e-4, atol=1e-5, msg=name)
+    # the logged window means (loss parts averaged over ranks; signals from gathered inputs)
+    logs = [
+        [r for r in read_log(tmp_path / run / "log.jsonl") if r["kind"] == "step"]
+        for run in ("ddp", "one")
+    ]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+    # (not L_gm: a cosine between per-rank last-layer gradients, logged as the ranks' mean,
+    # and it adds no gradient in `multifair_released`)
+    for a, b in zip(*logs):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(b[key], float) and key != "loss/gm" and not key.startswith("update_"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    # the metrics of the selected checkpoint
+    metrics = [json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("ddp", "one")]
+    assert metrics[0]["selected_epoch"] == metrics[1]["selected_epoch"]
+    for split in ("val", "test"):
+        a, b = (m[split] for m in metrics)
+        assert a["overall"]["auc"] == pytest.approx(b["overall"]["auc"], abs=1e-6)
+        assert a["attributes"]["sex"]["es_auc"] == pytest.approx(
+            b["attributes"]["sex"]["es_auc"], abs=1e-6
+        )

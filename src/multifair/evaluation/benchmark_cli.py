@@ -3,6 +3,7 @@
 multifair benchmark CONFIG               run the matrix (resumable), print + write the tables
 multifair benchmark run CONFIG           the same, spelled out
 multifair benchmark CONFIG --plan        print one `python -m multifair train ...` line per run
+multifair benchmark CONFIG --engine ray  the runs as Ray tasks (local cluster; --address ADDR)
 multifair benchmark collect DIR          aggregate whatever has finished under DIR
 multifair report RUN_DIR|BENCH_DIR       self-contained HTML report
 """
@@ -23,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "benchmark",
         help="run a methods x seeds x attributes matrix and tabulate it",
-        usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--n-boot N] [--no-report]\n"
+        usage="multifair benchmark [run] CONFIG [--plan] [--workers N] [--engine local|ray] "
+        "[--address ADDR] [--n-boot N] [--no-report]\n"
         "       multifair benchmark collect DIR [--with DIR2 ...] [--seeds 10-19] [--reference LABEL] [--n-boot N] [--no-report]",
         description="Run a benchmark matrix as separate training processes (resumable), then "
         "write one table per dataset x attribute (Markdown/CSV/JSON) and an HTML report. "
@@ -38,6 +40,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="how each run starts (overrides config): a fresh interpreter, or forked from one "
         "that imported torch once (saves seconds per run on small CPUs)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where the runs execute: this machine (default), or as Ray tasks on a Ray cluster "
+        "(a local one unless --address; needs `pip install 'multifair[ray]'`); same run "
+        "directories, logs, resuming and failure reports either way",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --engine ray: the cluster to join (`auto` for the one `ray start` runs "
+        "here, or ray://HOST:10001); the output directory must be on storage every node sees",
     )
     p.add_argument(
         "--n-boot", type=int, default=None, help="bootstrap resamples (overrides config)"
@@ -109,6 +125,16 @@ def run(args: argparse.Namespace) -> int:
         return _summarise(bm.collect(path, seeds=args.seeds, reference=args.reference), args)
     if args.seeds is not None or args.reference is not None or args.pool:
         raise UserError("--seeds, --reference and --with go with `collect DIR`, not with a run")
+    launcher = args.launcher
+    if args.engine == "ray":
+        if launcher is not None:
+            raise UserError(
+                f"--launcher {launcher} starts runs on this machine; with --engine ray every "
+                "run is a Ray task (leave --launcher out)"
+            )
+        launcher = "ray"
+    elif args.address is not None:
+        raise UserError("--address goes with --engine ray")
 
     cfg, out_dir = bm.load_benchmark(path)
     runs = bm.plan(cfg, out_dir)
@@ -124,9 +150,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
+    if launcher == "ray" or (launcher is None and cfg.launcher == "ray"):
+        from multifair.evaluation.launch_ray import connect
+
+        connect(args.address)  # a local cluster unless --address
     try:
         outcomes = bm.execute(
-            cfg, runs, out_dir, workers=args.workers, launcher=args.launcher, echo=echo
+            cfg, runs, out_dir, workers=args.workers, launcher=launcher, echo=echo
         )
     except (bm.Terminated, KeyboardInterrupt) as exc:
         done = sum(bm.is_finished(r) for r in runs)

@@ -1,4 +1,5 @@
-"""Running a benchmark's plan: every unfinished run as a `multifair train` subprocess.
+"""Running a benchmark's plan: every unfinished run as a `multifair train` process, started by
+a launcher (`multifair.evaluation.launch`: here, or as a Ray task on a cluster).
 
 A finished run (complete `metrics.json`) is skipped, so a killed benchmark resumes where it
 stopped. Each attempt's stdout, stderr and status (return code, seconds, the fingerprint of
@@ -198,7 +199,8 @@ def execute(
     echo: Callable[[str], None] = print,
     on_done: Callable[[RunOutcome], None] | None = None,
 ) -> list[RunOutcome]:
-    """Run every unfinished run as a subprocess, up to `workers` at a time.
+    """Run every unfinished run (a subprocess, a preloaded child or a Ray task), up to
+    `workers` at a time.
 
     A finished run (complete metrics.json) is skipped. An unfinished run's directory is
     cleared before it starts again (its previous stderr stays in `logs/`). A failed run is
@@ -225,8 +227,10 @@ def execute(
     echo(
         f"{len(runs)} runs: {len(runs) - total} already finished, {total} to run, {workers} at a time"
     )
+    launcher = launcher or cfg.launcher
+    # Ray places each run on a node with `threads` free cores: it never oversubscribes
     warning = oversubscribed(min(workers, total), threads, os.cpu_count() or 1)
-    if warning:
+    if warning and launcher != "ray":
         echo(warning)
     stale = stale_runs(out_dir, runs)
     if stale:
@@ -236,7 +240,6 @@ def execute(
             + ", ".join(r.run_id for r in stale[:10])
             + (" ..." if len(stale) > 10 else "")
         )
-    launcher = launcher or cfg.launcher
     active: dict[Any, tuple[RunSpec, float, Any, Any]] = {}
     started = 0
     with _sigterm_as_exception():

@@ -7,7 +7,10 @@
   imports alone (2-5 s on the 2-core dev machine, more than a demo run's training); here each
   run starts in milliseconds. The server never touches a GPU, so CUDA starts fresh in each child.
 
-Both return a handle with `subprocess.Popen`'s poll / returncode / terminate / kill / wait, so
+- `ray`: a Ray task on a Ray cluster, local or remote (`multifair.evaluation.launch_ray`; Ray
+  is an optional dependency, imported only then), running the `subprocess` command line.
+
+All return a handle with `subprocess.Popen`'s poll / returncode / terminate / kill / wait, so
 the runner's loop does not care which it got.
 """
 
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
-Launcher = Literal["subprocess", "preloaded"]
+Launcher = Literal["subprocess", "preloaded", "ray"]
 
 # What the server imports once; `torch._dynamo` is what the first optimizer pulls in.
 PRELOAD = ["torch", "torch._dynamo", "multifair.cli", "multifair.training.trainer"]
@@ -40,6 +43,10 @@ def start(
     files; returns a Popen-like handle."""
     if launcher == "subprocess":
         return subprocess.Popen(list(command), stdout=stdout, stderr=stderr, env=env)
+    if launcher == "ray":
+        from multifair.evaluation.launch_ray import RayRun
+
+        return RayRun(command, Path(stdout.name), Path(stderr.name), threads)
     args = list(command)[3:]  # after `python -m multifair`
     return PreloadedRun(args, Path(stdout.name), Path(stderr.name), threads)
 

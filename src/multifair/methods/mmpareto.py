@@ -18,7 +18,7 @@ heads get the plain gradient of L_mm + sum_m L_m.
 Cost and host syncs: backward runs M + 2 autograd passes (g_mm for all encoders, g_m per
 encoder, then the plain backward) - inherent to the method. The weights themselves are chosen
 with `torch.where`, without host syncs. Under DDP the per-loss gradients (computed by
-`autograd.grad`, which the trainer's gradient all-reduce does not see) are averaged with
+`autograd.grad`, which DistributedDataParallel does not average) are averaged with
 `ctx.gather`, and with gradient accumulation they are averaged over the micro-batches, so they
 are in the same units as the averaged `.grad` the trainer hands to `modulate_gradients`.
 """

@@ -3,16 +3,17 @@
 One process per device. `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything
 here is the identity and training runs in one process. Backend: NCCL on GPUs, gloo on CPU.
 
-Why we average gradients ourselves instead of wrapping the model in DistributedDataParallel:
-method hooks call the model's `encode` / `fuse` directly and may run parts of it more than once
-per step (unimodal estimates, zeroed modalities), and gradient accumulation plus the gradient
-edits need the averaged gradients at one well-defined point (before unscaling and
-`modulate_gradients`). DDP's reducer requires every forward to go through the wrapper. So after
-the last backward of a step the trainer calls `all_reduce_gradients` once: the gradients of all
-trainable parameters are flattened into one buffer per dtype, summed with one collective, and
-divided by the world size. The cost is that the reduction does not overlap the backward pass.
-The graph is the same on every rank (methods never branch on tensor values), so every rank has
-gradients for the same parameters.
+Gradients: the trainer wraps the method's forward + loss of a micro-batch (`MethodStep`: every
+use of the model in a step, including a method's second pass through the fusion or a head) in
+DistributedDataParallel (`wrap_ddp`), which averages the gradients in buckets while the
+backward pass still runs. With gradient accumulation the non-final micro-batches run under
+`no_sync`, so the averaging happens once per step, during the last backward. Methods edit
+gradients only after backward (`modulate_gradients`), and DDP's averaging is linear, so they
+see exactly the averaged gradients the earlier hand-written flat all-reduce gave them (average,
+then modify; `tests/training/test_distributed.py` checks 2 processes against 1). Per-loss
+gradients a method takes with `autograd.grad` bypass DDP and are averaged by the method itself
+(`ctx.gather`). `benchmarks/bench_ddp.py` measured DDP against the flat all-reduce (no
+difference beyond noise on the CPU: docs/benchmarks.md), so only DDP is kept.
 
 Train batches have the same size on every rank: the DistributedSampler gives each rank the same
 number of samples, so `gather` can use an equal-size all_gather.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,24 +106,38 @@ def make_gather(env: DistEnv):
     return gather
 
 
+def make_mean(env: DistEnv):
+    """The mean over ranks of a detached tensor (one all_reduce); the identity in one process."""
+    if not env.distributed:
+        return _identity
+
+    def mean(t: Tensor) -> Tensor:
+        out = t.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.div_(env.world_size)
+
+    return mean
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def all_reduce_gradients(params: Iterable[nn.Parameter], env: DistEnv) -> None:
-    """Average the gradients of `params` over ranks (one collective per gradient dtype)."""
-    if not env.distributed:
-        return
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)  # (sum of numels,)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(env.world_size)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+def wrap_ddp(
+    step: nn.Module, env: DistEnv, *, find_unused_parameters: bool = False
+) -> nn.parallel.DistributedDataParallel | None:
+    """`step` (the trainer's forward + loss module) in DistributedDataParallel, or None in one
+    process without a process group (a benchmark may form a group of one to measure DDP).
+
+    Buffers are not broadcast every forward (`forward_sync_buffers=False`, one collective per
+    step saved): method state is identical on every rank by construction, and BatchNorm
+    statistics are synchronised before each evaluation (`broadcast_state`). Inputs are not moved (`device_ids`
+    unset): batches are already on the device, and the step context is not a tensor."""
+    if not (env.distributed or dist.is_initialized()):
+        return None
+    return nn.parallel.DistributedDataParallel(
+        step, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters
+    )
 
 
 def broadcast_state(module: nn.Module, env: DistEnv) -> None:

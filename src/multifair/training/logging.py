@@ -2,7 +2,9 @@
 
 Step signals stay on the device: `WindowMeter.add` sums them into one device vector every step
 (no host synchronisation); `WindowMeter.flush` turns the window means into floats with a single
-`.tolist()` every `log_every` steps. A signal that is 0/1 per step (`fair_mode`) therefore logs
+`.tolist()` every `log_every` steps. Under torchrun the window's sums are averaged over the
+ranks first (one all_reduce per window, not per step), so the logged loss parts are those of
+the global batch. A signal that is 0/1 per step (`fair_mode`) therefore logs
 as the fraction of steps in the window: the fairness-mode rate.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,13 @@ class WindowMeter:
     """Running sums of named values over a window of steps: tensors on their device (one
     concatenated vector, no host copy), Python floats on the host."""
 
-    def __init__(self, modalities: Sequence[str] = ()) -> None:
+    def __init__(
+        self, modalities: Sequence[str] = (), reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
         self.modalities = list(modalities)
+        # under torchrun: the mean over ranks of the window's sums, ONE collective per window
+        # (loss parts are per rank; signals computed from gathered inputs are already global)
+        self._reduce = reduce
         self._layout: tuple[list[tuple[str, tuple[int, ...]]], list[str]] | None = None
         self._sum: Tensor | None = None
         self._float_sum: list[float] = []
@@ -56,7 +63,10 @@ class WindowMeter:
         if self._layout is None or self._count == 0:
             return {}
         shapes, float_names = self._layout
-        means = (self._sum / self._count).tolist() if self._sum is not None else []
+        sums = self._sum
+        if sums is not None and self._reduce is not None:
+            sums = self._reduce(sums)
+        means = (sums / self._count).tolist() if sums is not None else []
         out: dict[str, float] = {}
         i = 0
         for name, shape in shapes:

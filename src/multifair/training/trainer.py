@@ -1,7 +1,8 @@
 """The one training loop. Every method runs through it; a method changes the step only through
 the hooks of `multifair.methods.base.Method`, called in this order per optimisation step:
 
-    forward -> loss -> backward (per micro-batch) -> [all-reduce gradients] -> unscale_
+    forward -> loss -> backward (per micro-batch; under torchrun DDP averages the gradients
+    during the last one) -> unscale_
     -> modulate_gradients -> clip -> lr_factors -> lr = scheduled_lr * factor -> optimizer.step
 
 Epochs: on_epoch_start -> steps -> on_epoch_end -> validation (metrics.summarize) -> model
@@ -22,6 +23,7 @@ parts and signals are read (one `.tolist()`), and the non-finite-loss check happ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -172,6 +174,24 @@ class Schedule:
 # one optimisation step
 
 
+class MethodStep(nn.Module):
+    """The method's forward and loss of one micro-batch as one module call.
+
+    DistributedDataParallel learns which backward to reduce from calls through its wrapper, and
+    methods reach the model from both hooks (`loss` may run the fusion or a head again), so the
+    trainer wraps this pair, not the model. The model and the method are its submodules: every
+    trainable parameter of the step is reduced."""
+
+    def __init__(self, model: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, batch: Mapping[str, Any], ctx: StepContext) -> tuple[Any, LossOutput]:
+        out = self.method.forward(self.model, batch)
+        return out, self.method.loss(out, batch, ctx)
+
+
 @dataclass
 class StepResult:
     loss: LossOutput  # of the last micro-batch
@@ -194,6 +214,7 @@ def train_step(
     amp_dtype: torch.dtype | None,
     env: DistEnv,
     measure_update: bool = False,
+    ddp: nn.parallel.DistributedDataParallel | None = None,
 ) -> StepResult:
     """One optimisation step over `micro_batches` (already on the device), hooks in protocol order.
 
@@ -201,20 +222,30 @@ def train_step(
     LAST micro-batch's loss signals (each micro-batch's loss is divided by their number), and
     method state advances only there (`ctx.advance` is False for the others).
 
+    `ddp`: the `MethodStep` of this model and method wrapped in DistributedDataParallel (under
+    torchrun), which averages the gradients over ranks, bucket by bucket while the backward pass
+    runs; without it the step is a one-process step.
+
     `measure_update` also returns each encoder's update norm ||theta_after - theta_before||
     (what a step-size factor changes and a gradient factor under AdamW does not); it copies the
     encoder parameters, so the loop asks for it only on logging steps."""
     device = env.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     optimizer.zero_grad(set_to_none=True)
+    forward_and_loss = ddp if ddp is not None else MethodStep(model, method)
     last = len(micro_batches) - 1
     for i, batch in enumerate(micro_batches):
         micro_ctx = ctx if i == last else dataclasses.replace(ctx, advance=False)
-        with autocast(device, amp_dtype):
-            out = method.forward(model, batch)  # ONE forward pass
-            loss = method.loss(out, batch, micro_ctx)  # LossOutput(total, parts, signals)
-        method.backward(loss, out, batch, micro_ctx)  # default: ctx.scale(loss.total).backward()
-    distributed.all_reduce_gradients(params, env)  # identical gradients on every rank
+        # DDP averages gradients during the LAST micro-batch's backward (the others accumulate)
+        sync = ddp.no_sync() if ddp is not None and i != last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, amp_dtype):
+                # ONE forward pass, then LossOutput(total, parts, signals)
+                out, loss = forward_and_loss(batch, micro_ctx)
+            # default: ctx.scale(loss.total).backward()
+            method.backward(loss, out, batch, micro_ctx)
+    # here every rank holds the same averaged gradients: the edits below see what one process
+    # training on the global batch would see (average, then modify)
     if scaler.is_enabled():
         scaler.unscale_(optimizer)  # fp16: gradients in true units before any edit
     edit_stats = method.modulate_gradients(model, loss, ctx)  # OGM-GE, CGGM, MultiFair, ...
@@ -337,6 +368,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     distributed.broadcast_state(model, env)
     distributed.broadcast_state(method, env)
     optimizer, groups = build_optimizer(model, method, tc, device)
+    ddp = distributed.wrap_ddp(MethodStep(model, method), env)  # None in one process
     amp_dtype = resolve_amp(tc.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     # per-rank stream for dropout and on-device augmentation
@@ -390,7 +422,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     if env.is_main and resume_dir is not None:
         truncate_log(run_dir / "log.jsonl", step, start_epoch)
     logger = RunLogger(run_dir, enabled=env.is_main, tensorboard=tc.tensorboard)
-    meter = WindowMeter(modalities)
+    meter = WindowMeter(modalities, reduce=distributed.make_mean(env))
     gather = distributed.make_gather(env)
     scale = (lambda t: scaler.scale(t / tc.accumulate)) if tc.accumulate > 1 else scaler.scale
     # what epoch hooks may read: the training batches (PMR prototypes) and the training
@@ -453,6 +485,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                     amp_dtype=amp_dtype,
                     env=env,
                     measure_update=(step + 1) % tc.log_every == 0,
+                    ddp=ddp,
                 )
                 total = result.loss.total.detach()
                 loss_sum += total
