@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from multifair import __version__
-from multifair.errors import UserError
+from multifair.errors import Stopped, UserError
 
 # Sub-command modules, in the order `multifair --help` lists them.
 COMMAND_MODULES: list[str] = [
@@ -49,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"multifair {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        print(f"multifair {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"multifair {args.command}: interrupted", file=sys.stderr)
         return 130

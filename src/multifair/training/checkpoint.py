@@ -31,16 +31,22 @@ FORMAT_VERSION = 1
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same directory, fsync, then `os.replace`: a kill during
-    the write leaves the previous checkpoint intact."""
+    the write leaves the previous checkpoint intact. A failed write (disk full, read-only
+    folder) is one line naming the file; the previous checkpoint is kept then too."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); {kept}"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -121,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
         base = run.read_config(args.resume)
         # a stop request was for the interrupted invocation, not for the continuation
         base.setdefault("train", {})["stop_after_epoch"] = None
-        cfg = resolve_run_config(None, overrides, base=base)
+        cfg = resolve_run_config(None, overrides, base=base, source=run.config_source(args.resume))
         result = train(cfg, resume_dir=args.resume)
     else:
         if config is None:

@@ -128,13 +128,15 @@ def resolve_run_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> Any:
     """defaults -> `base` (e.g. a run directory's config) -> YAML file -> key=value overrides.
 
     Switching methods on the command line (`method.name=erm` on a MultiFair recipe) keeps the
     recipe's method parameters that the new method also has and drops the others, saying so;
-    parameters given on the command line are always checked strictly."""
-    source = str(path) if path is not None else "config"
+    parameters given on the command line are always checked strictly. `source` names the
+    config in errors (default: `path`, else "config")."""
+    source = source or (str(path) if path is not None else "config")
     merged: dict[str, Any] = dict(base or {})
     if path is not None:
         merged = _config.deep_merge(merged, _config.load_yaml(path))
