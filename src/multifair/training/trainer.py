@@ -484,6 +484,7 @@ def _train(
                     partial["first_bad"].to(device),
                 )
                 seconds_before = float(partial["seconds"])
+                meter.load_state_dict(partial["meter"], device)
                 batches = itertools.islice(batches, skip * tc.accumulate, None)
                 partial = None
             bar = _progress(
@@ -540,6 +541,7 @@ def _train(
                             "first_bad": first_bad.cpu(),
                             "seconds": time.perf_counter() - t0,
                             "epoch_stats": _plain(epoch_stats),
+                            "meter": meter.state_dict(),
                         },
                     )
                     raise Stopped(
