@@ -89,7 +89,8 @@ def validate(model: type[M], data: Mapping[str, Any], source: str = "config") ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # an unknown key first: a misspelt key is usually the cause of the other errors too
+        first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         msg = first["msg"]
         if first["type"] == "extra_forbidden":

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from multifair.config import deep_merge, load_yaml, validate
 from multifair.errors import UserError
 from multifair.evaluation.launch import Launcher
+from multifair.training.config import resolve_run_config
 
 # Keys of the training config the benchmark sets for every run (docs/architecture.md).
 SEED_KEY = "train.seed"
@@ -424,12 +425,15 @@ def write_entry_configs(cfg: BenchmarkConfig, out_dir: Path) -> None:
                     f"output: {out_dir}: a path with '=' cannot be passed to `multifair train` "
                     "(it would be read as a key=value override); choose another folder"
                 )
+            config = entry_config(cfg, dataset, entry)
+            # validated here, once, so a misspelt method or key fails before any run starts
+            resolve_run_config(base=config, source=f"benchmark {cfg.name!r}, entry {entry.label!r}")
             path.parent.mkdir(parents=True, exist_ok=True)
             header = (
                 f"# benchmark {cfg.name!r}: dataset {dataset.label!r}, entry {entry.label!r} "
                 f"(base: {cfg.base})\n"
             )
-            body = yaml.safe_dump(entry_config(cfg, dataset, entry), sort_keys=False)
+            body = yaml.safe_dump(config, sort_keys=False)
             path.write_text(header + body, encoding="utf-8")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from multifair.errors import UserError
+from multifair.errors import UserError, writing
 from multifair.training.distributed import DistEnv
 from multifair.training.inference import (
     Predictions,
@@ -173,6 +173,7 @@ def predict_run(
         preds = _predict_split(loaded, split)
         frames.append(predictions_frame(preds, split, loaded.data.group_names))
     frame = pd.concat(frames, ignore_index=True)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False, float_format="%.8g")
+    with writing(out):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False, float_format="%.8g")
     return frame

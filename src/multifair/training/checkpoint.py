@@ -62,6 +62,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     except Exception as exc:  # truncated or foreign file: a user-facing problem, not a bug
         raise UserError(f"{path}: not a readable multifair checkpoint ({exc})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        if isinstance(found, int):  # ours, from another version of multifair
+            raise UserError(
+                f"{path}: checkpoint format {found}, written by another multifair version; "
+                f"this version reads format {FORMAT_VERSION}"
+            )
         raise UserError(f"{path}: not a multifair checkpoint (format {FORMAT_VERSION} expected)")
     return ckpt
 
@@ -97,7 +103,14 @@ def load_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None
     """Load a checkpoint's weights into `model`, whose frozen parameters were rebuilt from their
     source; they must be the ones the checkpoint was trained with."""
     frozen = ckpt.get("frozen") or {"keys": [], "sha256": ""}
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shapes differ: trained with another model config
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), exc)
+        raise UserError(
+            f"{path}: the checkpoint does not fit this model ({first}): was the model config "
+            "changed?"
+        ) from None
     if unexpected or set(missing) != set(frozen["keys"]):
         absent = sorted(set(missing) - set(frozen["keys"]))
         raise UserError(

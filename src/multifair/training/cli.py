@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifair.errors import UserError
+from multifair.errors import UserError, writing
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -158,7 +158,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{loaded.checkpoint} on split {args.split!r} ({len(preds)} samples):")
     print(format_table(summary))
     if args.json:
-        dump_json(summary, args.json)
+        with writing(args.json):
+            dump_json(summary, args.json)
     return 0
 
 

@@ -14,6 +14,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,6 +55,7 @@ def new_run_dir(run_dir: str | Path | None, method: str) -> tuple[Path, RunLock]
         while path.exists():
             path = base.with_name(f"{base.name}-{i}")
             i += 1
+    _require_empty(path)  # before the lock: a refused folder is left exactly as it was
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -61,14 +63,21 @@ def new_run_dir(run_dir: str | Path | None, method: str) -> tuple[Path, RunLock]
             f"output.dir: cannot create the run directory {path} ({exc.strerror})"
         ) from None
     lock = RunLock(path)
-    if any(p.name != LOCK_NAME for p in path.iterdir()):
+    try:
+        _require_empty(path)  # again under the lock: another process may have started here
+    except UserError:
         lock.release()
+        raise
+    (path / "checkpoints").mkdir(exist_ok=True)
+    return path, lock
+
+
+def _require_empty(path: Path) -> None:
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
         raise UserError(
             f"output.dir: run directory {path} already exists and is not empty; choose "
             f"another one, or continue it with --resume {path}"
         )
-    (path / "checkpoints").mkdir(exist_ok=True)
-    return path, lock
 
 
 class RunLock:
@@ -96,10 +105,17 @@ class RunLock:
                 f"run directory {Path(run_dir)} is in use by process {owner} (another "
                 "multifair train); wait for it to finish or choose another directory"
             ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"{os.getpid()}\n")
-        self._fh.flush()
+        try:  # the lock file may be writable in a folder that is not
+            tempfile.TemporaryFile(dir=self.path.parent).close()
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(f"{os.getpid()}\n")
+            self._fh.flush()
+        except OSError as exc:
+            self.release()
+            raise UserError(
+                f"cannot write to the run directory {Path(run_dir)} ({exc.strerror})"
+            ) from None
 
     def release(self) -> None:
         if self._fh is not None:
@@ -143,6 +159,9 @@ def git_sha() -> dict[str, Any]:
             text=True,
             timeout=10,
             check=True,
+            # a query: never rewrite the checkout's index (runs start concurrently, and
+            # a run may be killed while git holds it)
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
         ).stdout
         return {"sha": sha, "dirty": bool(dirty.strip())}
     except (OSError, subprocess.SubprocessError):
