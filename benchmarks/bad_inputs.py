@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "robustness"))
 
-from battery import Workspace, run_case
+from battery import REPO, Workspace, run_case
 from cases import CASES
 
 WIDTH = 80  # characters of the message shown
@@ -27,7 +27,8 @@ def shown(verdict) -> str:
     """The judged line without the `multifair CMD: error: ` prefix and temporary paths."""
     line = verdict.outcome.line(verdict.case.stream)
     line = re.sub(r"^multifair [a-z ]+?: (error: )?", "", line)
-    line = re.sub(r"/tmp/\S*?/case/", ".../", line)
+    line = re.sub(r"\S*/case(?=[/\s:']|$)", "...", line)  # the case's temporary folder
+    line = line.replace(f"{REPO}/", "")
     return line[:WIDTH]
 
 

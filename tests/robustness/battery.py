@@ -206,6 +206,8 @@ def run_case(case: Case, ws: Workspace, folder: Path) -> Verdict:
     if "Traceback" in outcome.err:
         problems.append("a traceback on stderr")
     line = outcome.line(case.stream)
+    if case.stream == "err" and not line.startswith("multifair "):
+        problems.append(f"the last line of stderr is not the one-line error: {line[:200]!r}")
     if not re.search(case.message, line):
         problems.append(f"message {line[:200]!r} does not match {case.message!r}")
     if case.check is not None and not problems:

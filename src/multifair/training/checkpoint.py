@@ -57,10 +57,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not a multifair checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or foreign file: a user-facing problem, not a bug
-        raise UserError(f"{path}: not a readable multifair checkpoint ({exc})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable multifair checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         found = ckpt.get("format") if isinstance(ckpt, dict) else None
         if isinstance(found, int):  # ours, from another version of multifair

@@ -150,7 +150,10 @@ def resolve_run_config(
     name = given.get("method", {}).get("name", before.get("name", DEFAULT_METHOD))
     if not isinstance(name, str):
         raise UserError(f"{source}: method.name: must be a string (got {name!r})")
-    model = run_config_model(name)
+    try:
+        model = run_config_model(name)
+    except UserError as exc:  # "method 'x' not found. Available: [...]", said where
+        raise UserError(f"{source}: method.name: {exc}") from None
     if before.get("name", DEFAULT_METHOD) != name:
         accepted = set(model.model_fields["method"].annotation.model_fields)
         dropped = sorted(k for k in before if k not in accepted)
