@@ -632,7 +632,7 @@ CASES: list[Case] = [
     # ---- benchmark
     Case("benchmark-config-missing", "benchmark", lambda ws, f: ["benchmark", str(f / "nope.yaml")], 2, r"nope\.yaml"),
     Case("benchmark-misspelt-key", "benchmark", bench(BENCH.replace("seeds:", "seed:")), 2, r"bench\.yaml: seed: unknown key; did you mean 'seeds'\?"),
-    Case("benchmark-unknown-method", "benchmark", bench(BENCH.replace("{name: erm}", "{name: ermm}")), 2, r"benchmark 'bad', entry 'erm': method\.name: method 'ermm' not found\. Available"),
+    Case("benchmark-unknown-method", "benchmark", bench(BENCH.replace("{name: erm}", "{name: ermm}")), 2, r"bench\.yaml: methods: entry 'erm': method 'ermm' not found\. Available"),
     Case("benchmark-collect-not-a-benchmark", "benchmark", lambda ws, f: ["benchmark", "collect", str(f)], 2, r"benchmark"),
     # ---- processes: a lock, SIGTERM, a full disk, read-only folders
     Case("two-trains-one-run-dir", "train", lambda ws, f: [], 2, r"run directory \S+ is in use by process \d+", lock_check, lock_runner),

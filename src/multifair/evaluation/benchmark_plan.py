@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from multifair.config import deep_merge, load_yaml, validate
 from multifair.errors import UserError
 from multifair.evaluation.launch import Launcher
-from multifair.training.config import resolve_run_config
 
 # Keys of the training config the benchmark sets for every run (docs/architecture.md).
 SEED_KEY = "train.seed"
@@ -205,10 +204,24 @@ def safe_name(text: str) -> str:
     return _SAFE.sub("_", str(text)).strip("_") or "_"
 
 
+def _check_method_names(cfg: BenchmarkConfig, path: Path) -> None:
+    """An unknown method fails here, before any run starts (the rest of each entry's config
+    is validated by its run, whose failure `collect` reports)."""
+    import multifair.methods  # noqa: F401  (registers every method)
+    from multifair.methods.base import METHODS
+
+    for entry in cfg.methods:
+        try:
+            METHODS.get(entry.method["name"])
+        except UserError as exc:
+            raise UserError(f"{path}: methods: entry {entry.label!r}: {exc}") from None
+
+
 def load_benchmark(path: str | Path) -> tuple[BenchmarkConfig, Path]:
     """Read and validate a benchmark config. Returns it with `base` made absolute."""
     path = Path(path)
     cfg = validate(BenchmarkConfig, load_yaml(path), source=str(path))
+    _check_method_names(cfg, path)
     base = None
     if cfg.base is not None:
         base = Path(cfg.base)
@@ -425,15 +438,12 @@ def write_entry_configs(cfg: BenchmarkConfig, out_dir: Path) -> None:
                     f"output: {out_dir}: a path with '=' cannot be passed to `multifair train` "
                     "(it would be read as a key=value override); choose another folder"
                 )
-            config = entry_config(cfg, dataset, entry)
-            # validated here, once, so a misspelt method or key fails before any run starts
-            resolve_run_config(base=config, source=f"benchmark {cfg.name!r}, entry {entry.label!r}")
             path.parent.mkdir(parents=True, exist_ok=True)
             header = (
                 f"# benchmark {cfg.name!r}: dataset {dataset.label!r}, entry {entry.label!r} "
                 f"(base: {cfg.base})\n"
             )
-            body = yaml.safe_dump(config, sort_keys=False)
+            body = yaml.safe_dump(entry_config(cfg, dataset, entry), sort_keys=False)
             path.write_text(header + body, encoding="utf-8")
 
 

@@ -473,16 +473,13 @@ def _train(
             if partial is None:
                 epoch_stats = dict(method.on_epoch_start(make_ctx(epoch, step)) or {})
                 loss_sum = torch.zeros((), device=device)
-                first_bad = torch.full(
-                    (), -1, dtype=torch.long, device=device
-                )  # 1st non-finite step
+                # the first non-finite step
+                first_bad = torch.full((), -1, dtype=torch.long, device=device)
                 skip, seconds_before = 0, 0.0
             else:  # resumed part-way: the epoch's start ran; skip the batches already trained on
                 epoch_stats, skip = dict(partial["epoch_stats"]), int(partial["steps"])
-                loss_sum, first_bad = (
-                    partial["loss_sum"].to(device),
-                    partial["first_bad"].to(device),
-                )
+                loss_sum = partial["loss_sum"].to(device)
+                first_bad = partial["first_bad"].to(device)
                 seconds_before = float(partial["seconds"])
                 meter.load_state_dict(partial["meter"], device)
                 batches = itertools.islice(batches, skip * tc.accumulate, None)
@@ -492,9 +489,8 @@ def _train(
             )
             bar.update(skip)
             t0 = time.perf_counter() - seconds_before
-            for done in range(
-                skip + 1, steps_per_epoch + 1
-            ):  # steps of this epoch, this one included
+            # `done`: the steps of this epoch taken, this one included
+            for done in range(skip + 1, steps_per_epoch + 1):
                 micro = [to_device(next(batches), device, train=True) for _ in range(tc.accumulate)]
                 ctx = make_ctx(epoch, step)
                 result = train_step(
@@ -533,6 +529,7 @@ def _train(
                 bar.update()
                 if stop.signal is not None and done < steps_per_epoch:
                     bar.close()
+                    _check_finite(first_bad, epoch, {}, ckpt_dir)  # never checkpoint a NaN
                     save_last(
                         epoch,
                         partial={
