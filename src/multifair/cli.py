@@ -60,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # named it (those that do raise UserError)
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        print(f"multifair {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"multifair {args.command}: error: {where}{exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multifair {args.command}: interrupted", file=sys.stderr)

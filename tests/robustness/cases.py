@@ -453,7 +453,6 @@ def lock_runner(ws: Workspace, f: Path, argv: list[str]) -> Outcome:
     t0 = time.perf_counter()
     proc = start_training(f)
     try:
-        record(f, f / "run" / "checkpoints")
         (f / "config.before").write_bytes((f / "run" / "config.yaml").read_bytes())
         code, out, err = call(["train", "--resume", str(f / "run")])
         (f / "pid").write_text(str(proc.pid))
