@@ -22,7 +22,7 @@ SRC = Path(multifair.__file__).parent
 # (`multifair.cli.COMMAND_MODULES`, e.g. `training.cli` running `multifair evaluate`) sit on
 # top with `cli.py`: a command may call any floor.
 FLOORS = [
-    ["multifair", "errors", "console", "registry", "config", "metrics"],
+    ["multifair", "errors", "console", "registry", "config", "csvcheck", "metrics"],
     ["data", "methods"],
     ["models"],
     ["training"],

@@ -9,12 +9,15 @@ A user mistake (`UserError`) prints one line on stderr and exits 2; tracebacks a
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
 
 from multifair import __version__
-from multifair.errors import UserError
+from multifair.errors import Stopped, UserError
+
+_ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 # Sub-command modules, in the order `multifair --help` lists them.
 COMMAND_MODULES: list[str] = [
@@ -49,6 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"multifair {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Stopped as exc:
+        print(f"multifair {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        # the machine, not the code: a read-only folder or a full disk where no write site
+        # named it (those that do raise UserError)
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"multifair {args.command}: error: {where}{exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"multifair {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,9 @@ Pydantic models (with ``extra="forbid"``) validate the result; validation errors
 from __future__ import annotations
 
 import copy
+import difflib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,8 +28,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+        # one line: where and what, not PyYAML's multi-line excerpt
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where} not valid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -80,15 +89,48 @@ def validate(model: type[M], data: Mapping[str, Any], source: str = "config") ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # an unknown key first: a misspelt key is usually the cause of the other errors too
+        first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         msg = first["msg"]
         if first["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _closest(model, first["loc"])
         bad = first.get("input")
         shown = "" if first["type"] == "missing" else f" (got {bad!r})"
         more = f" [+{exc.error_count() - 1} more]" if exc.error_count() > 1 else ""
         raise UserError(f"{source}: {where}: {msg}{shown}{more}") from None
+
+
+def _closest(model: type[BaseModel], loc: Sequence[Any]) -> str:
+    """'; did you mean 'epochs'?' for a misspelt key, or the valid keys when none is close."""
+    valid = _keys_at(model, loc[:-1])
+    if not valid:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _keys_at(model: Any, path: Sequence[Any]) -> list[str]:
+    """The field names of the (nested) pydantic model at `path`; [] where it is not a model."""
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        model = _model_of(fields[part].annotation)
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_of(annotation: Any) -> Any:
+    """`X`, `X | None`, `Optional[X]` -> X when X is a pydantic model; else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if _model_of(a) is not None]
+        return models[0] if len(models) == 1 else None
+    return None
 
 
 def resolve(

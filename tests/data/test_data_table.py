@@ -206,7 +206,7 @@ def test_one_file_per_split(tmp_path: Path):
 @pytest.mark.parametrize(
     ("column", "value", "needle"),
     [
-        ("outcome", np.nan, "row 4: label is missing"),
+        ("outcome", np.nan, "row 4: column 'outcome': label is missing"),
         ("num", "abc", "row 4: column 'num': 'abc' is not a number"),
         ("sex", "X", "row 4: column 'sex': 'X' is not a known group"),
         ("use", "later", "row 4: 'later' is not a split name"),

@@ -68,6 +68,7 @@ def test_method_params_of_another_method_are_rejected(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_validate(name):
+    # every top-level config is a training config (benchmark configs live in configs/benchmarks)
     cfg = resolve_run_config(CONFIGS / name)
     assert cfg.train.clip == 0.8
     if name.startswith(("fairvision", "fairvlmed")):

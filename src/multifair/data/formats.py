@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from multifair.csvcheck import check_csv_header
 from multifair.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,7 @@ def read_csv(path: Path) -> Any:
     """Read a summary CSV (UTF-8 with or without BOM; headers lower-cased and stripped)."""
     import pandas as pd
 
+    check_csv_header(path, casefold=True)
     try:
         frame = pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from multifair.csvcheck import check_csv_header
 from multifair.data import cache
 from multifair.data.bundle import DataBundle, ModalitySpec, check_state, state_group_names
 from multifair.data.config import (
@@ -83,6 +84,7 @@ def read_table(path: str) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(file)
         sep = "\t" if suffix in (".tsv", ".tab") else ","
+        check_csv_header(file, sep)
         return pd.read_csv(file, sep=sep, encoding="utf-8-sig", low_memory=False)
     except ImportError as exc:
         raise UserError(f"{file}: reading Parquet needs pyarrow ({exc})") from None
@@ -225,7 +227,7 @@ def _labels(frame: pd.DataFrame, spec: LabelSpec, source: str) -> tuple[np.ndarr
             else:
                 out[i] = label_value(value, where)
         except BadValue as exc:
-            errors[i] = f"row {i}: {exc.message}"
+            errors[i] = f"row {i}: {exc.where}: {exc.message}"
     return out, errors
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from multifair import __version__
-from multifair.errors import UserError
+from multifair.csvcheck import check_csv_header
+from multifair.errors import UserError, writing
 from multifair.metrics import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN_POLICIES,
@@ -136,6 +137,7 @@ def load_predictions(
     path = Path(path)
     if not path.is_file():
         raise UserError(f"predictions file not found: {path}")
+    check_csv_header(path)
     try:
         frame = pd.read_csv(path, skip_blank_lines=False, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -288,9 +290,10 @@ def run(args: argparse.Namespace) -> int:
         if args.predictions:
             raise UserError("give either PREDICTIONS.csv or --demo, not both")
         out = Path(args.out or "runs/audit-demo")
-        out.mkdir(parents=True, exist_ok=True)
         source = out / "demo_predictions.csv"
-        demo_predictions().to_csv(source, index=False)
+        with writing(source):
+            out.mkdir(parents=True, exist_ok=True)
+            demo_predictions().to_csv(source, index=False)
         print(f"demo: generated {source} (3000 synthetic predictions)")
         attributes = attributes or list(DEMO_ATTRIBUTES)
     else:
@@ -327,8 +330,9 @@ def run(args: argparse.Namespace) -> int:
     table = format_table(summary)
     print(table)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with writing(out / "metrics.json"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     written = [out / "metrics.json"]
     if not args.no_report:
         from multifair.evaluation.plots import roc_curves_png  # matplotlib only when needed
@@ -345,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
             for a, codes in features.items()
         }
         report = render_html(summary, table, figures, source=str(source), command=_command(args))
-        (out / "report.html").write_text(report, encoding="utf-8")
+        with writing(out / "report.html"):
+            (out / "report.html").write_text(report, encoding="utf-8")
         written.append(out / "report.html")
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -204,10 +204,24 @@ def safe_name(text: str) -> str:
     return _SAFE.sub("_", str(text)).strip("_") or "_"
 
 
+def _check_method_names(cfg: BenchmarkConfig, path: Path) -> None:
+    """An unknown method fails here, before any run starts (the rest of each entry's config
+    is validated by its run, whose failure `collect` reports)."""
+    import multifair.methods  # noqa: F401  (registers every method)
+    from multifair.methods.base import METHODS
+
+    for entry in cfg.methods:
+        try:
+            METHODS.get(entry.method["name"])
+        except UserError as exc:
+            raise UserError(f"{path}: methods: entry {entry.label!r}: {exc}") from None
+
+
 def load_benchmark(path: str | Path) -> tuple[BenchmarkConfig, Path]:
     """Read and validate a benchmark config. Returns it with `base` made absolute."""
     path = Path(path)
     cfg = validate(BenchmarkConfig, load_yaml(path), source=str(path))
+    _check_method_names(cfg, path)
     base = None
     if cfg.base is not None:
         base = Path(cfg.base)

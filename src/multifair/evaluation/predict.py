@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from multifair.errors import UserError
+from multifair.errors import UserError, writing
 from multifair.training.distributed import DistEnv
 from multifair.training.inference import (
     Predictions,
@@ -63,7 +63,7 @@ def load_run(
     from multifair.training.distributed import resolve_device
 
     run_dir = Path(run_dir)
-    cfg = resolve_run_config(base=run.read_config(run_dir))
+    cfg = resolve_run_config(base=run.read_config(run_dir), source=run.config_source(run_dir))
     path = run_dir / "checkpoints" / f"{which}.pt"
     if not path.is_file():
         raise UserError(f"{run_dir}: no checkpoints/{which}.pt (has the run finished an epoch?)")
@@ -164,7 +164,7 @@ def predict_run(
     from multifair.training import run
     from multifair.training.config import resolve_run_config
 
-    cfg = resolve_run_config(base=run.read_config(run_dir))
+    cfg = resolve_run_config(base=run.read_config(run_dir), source=run.config_source(run_dir))
     data_cfg = data_config_for(cfg.data, data)
     splits = list(splits or (["all"] if data_cfg.kind == "table" else ["train", "val", "test"]))
     loaded = load_run(run_dir, which=which, data_override=data_cfg, splits=splits, device=device)
@@ -173,6 +173,7 @@ def predict_run(
         preds = _predict_split(loaded, split)
         frames.append(predictions_frame(preds, split, loaded.data.group_names))
     frame = pd.concat(frames, ignore_index=True)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False, float_format="%.8g")
+    with writing(out):
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False, float_format="%.8g")
     return frame

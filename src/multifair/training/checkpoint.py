@@ -31,16 +31,22 @@ FORMAT_VERSION = 1
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same directory, fsync, then `os.replace`: a kill during
-    the write leaves the previous checkpoint intact."""
+    the write leaves the previous checkpoint intact. A failed write (disk full, read-only
+    folder) is one line naming the file; the previous checkpoint is kept then too."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
+        raise UserError(
+            f"{path}: cannot write the checkpoint ({exc.strerror or exc}); {kept}"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -51,11 +57,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file (0 bytes), not a multifair checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated or foreign file: a user-facing problem, not a bug
-        raise UserError(f"{path}: not a readable multifair checkpoint ({exc})") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable multifair checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        if isinstance(found, int):  # ours, from another version of multifair
+            raise UserError(
+                f"{path}: checkpoint format {found}, written by another multifair version; "
+                f"this version reads format {FORMAT_VERSION}"
+            )
         raise UserError(f"{path}: not a multifair checkpoint (format {FORMAT_VERSION} expected)")
     return ckpt
 
@@ -91,7 +106,14 @@ def load_model(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None
     """Load a checkpoint's weights into `model`, whose frozen parameters were rebuilt from their
     source; they must be the ones the checkpoint was trained with."""
     frozen = ckpt.get("frozen") or {"keys": [], "sha256": ""}
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shapes differ: trained with another model config
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), exc)
+        raise UserError(
+            f"{path}: the checkpoint does not fit this model ({first}): was the model config "
+            "changed?"
+        ) from None
     if unexpected or set(missing) != set(frozen["keys"]):
         absent = sorted(set(missing) - set(frozen["keys"]))
         raise UserError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifair.errors import UserError
+from multifair.errors import UserError, writing
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -121,7 +121,7 @@ def run_train(args: argparse.Namespace) -> int:
         base = run.read_config(args.resume)
         # a stop request was for the interrupted invocation, not for the continuation
         base.setdefault("train", {})["stop_after_epoch"] = None
-        cfg = resolve_run_config(None, overrides, base=base)
+        cfg = resolve_run_config(None, overrides, base=base, source=run.config_source(args.resume))
         result = train(cfg, resume_dir=args.resume)
     else:
         if config is None:
@@ -158,7 +158,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"{loaded.checkpoint} on split {args.split!r} ({len(preds)} samples):")
     print(format_table(summary))
     if args.json:
-        dump_json(summary, args.json)
+        with writing(args.json):
+            dump_json(summary, args.json)
     return 0
 
 

@@ -128,13 +128,15 @@ def resolve_run_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     base: Mapping[str, Any] | None = None,
+    source: str | None = None,
 ) -> Any:
     """defaults -> `base` (e.g. a run directory's config) -> YAML file -> key=value overrides.
 
     Switching methods on the command line (`method.name=erm` on a MultiFair recipe) keeps the
     recipe's method parameters that the new method also has and drops the others, saying so;
-    parameters given on the command line are always checked strictly."""
-    source = str(path) if path is not None else "config"
+    parameters given on the command line are always checked strictly. `source` names the
+    config in errors (default: `path`, else "config")."""
+    source = source or (str(path) if path is not None else "config")
     merged: dict[str, Any] = dict(base or {})
     if path is not None:
         merged = _config.deep_merge(merged, _config.load_yaml(path))
@@ -148,7 +150,10 @@ def resolve_run_config(
     name = given.get("method", {}).get("name", before.get("name", DEFAULT_METHOD))
     if not isinstance(name, str):
         raise UserError(f"{source}: method.name: must be a string (got {name!r})")
-    model = run_config_model(name)
+    try:
+        model = run_config_model(name)
+    except UserError as exc:  # "method 'x' not found. Available: [...]", said where
+        raise UserError(f"{source}: method.name: {exc}") from None
     if before.get("name", DEFAULT_METHOD) != name:
         accepted = set(model.model_fields["method"].annotation.model_fields)
         dropped = sorted(k for k in before if k not in accepted)

@@ -84,6 +84,22 @@ class WindowMeter:
         self._float_sum = [0.0] * len(float_names)
         return dict(sorted(out.items()))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The open window (a run stopped between two log records), as checkpointable data."""
+        return {
+            "layout": self._layout,
+            "sum": None if self._sum is None else self._sum.detach().cpu(),
+            "float_sum": list(self._float_sum),
+            "count": self._count,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        layout = state["layout"]
+        self._layout = None if layout is None else ([tuple(s) for s in layout[0]], list(layout[1]))
+        self._sum = None if state["sum"] is None else state["sum"].to(device)
+        self._float_sum = list(state["float_sum"])
+        self._count = int(state["count"])
+
 
 def _json_safe(x: Any) -> Any:
     """NaN/inf are not JSON: write them as null."""

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from multifair.console import bars_enabled
-from multifair.errors import UserError
+from multifair.errors import Stopped, UserError
 from multifair.methods.base import LossOutput, Method, StepContext, build_method
 from multifair.training import checkpoint, distributed, run
 from multifair.training.config import TrainConfig, method_params, to_dict
@@ -314,13 +317,18 @@ def train(cfg: Any, *, resume_dir: str | Path | None = None) -> TrainResult:
 
     Works in one process or under torchrun (one process per device); only rank 0 writes."""
     env = distributed.setup(cfg.train.device)
+    held: list[run.RunLock] = []  # the run directory's lock, released whatever happens
     try:
-        return _train(cfg, env, resume_dir)
+        return _train(cfg, env, resume_dir, held)
     finally:
+        for lock in held:
+            lock.release()
         distributed.cleanup(env)
 
 
-def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult:
+def _train(
+    cfg: Any, env: DistEnv, resume_dir: str | Path | None, held: list[run.RunLock]
+) -> TrainResult:
     from multifair.data import build_data
     from multifair.methods.base import METHODS
     from multifair.models import build_model
@@ -335,8 +343,11 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     # run directory: rank 0 creates it, every rank learns its path
     if resume_dir is not None:
         run_dir = Path(resume_dir)
+        if env.is_main:
+            held.append(run.RunLock(run_dir))
     elif env.is_main:
-        run_dir = run.new_run_dir(cfg.output.dir, cfg.method.name)
+        run_dir, lock = run.new_run_dir(cfg.output.dir, cfg.method.name)
+        held.append(lock)
     else:
         run_dir = None
     run_dir = Path(distributed.broadcast_object(str(run_dir), env))
@@ -405,6 +416,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
     best: dict[str, Any] = {"metric": -math.inf, "epoch": -1}
     timing = {"seconds": 0.0, "steps": 0}
     history: list[dict[str, Any]] = []
+    partial: dict[str, Any] | None = None  # an epoch stopped part-way (SIGTERM), to finish
     if resume_dir is not None and (ckpt_dir / "last.pt").is_file():
         state = checkpoint.load(ckpt_dir / "last.pt")
         checkpoint.load_model(model, state, ckpt_dir / "last.pt")
@@ -415,6 +427,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
         schedule.load_state_dict(state["schedule"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best, timing, history = dict(state["best"]), dict(state["timing"]), list(state["history"])
+        partial = state.get("partial")
         checkpoint.set_rng_state(
             state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0]
         )
@@ -454,6 +467,33 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             flush=True,
         )
 
+    def save_last(epochs_done: int, partial: dict[str, Any] | None = None) -> None:
+        """checkpoints/last.pt: everything --resume needs (`partial`: the epoch in progress)."""
+        rng = distributed.all_gather_objects(checkpoint.rng_state(), env)
+        if env.is_main:
+            checkpoint.save_atomic(
+                {
+                    "format": checkpoint.FORMAT_VERSION,
+                    "epoch": epochs_done,
+                    "step": step,
+                    **checkpoint.model_state(model, frozen),
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": rng,
+                    "best": best,
+                    "timing": timing,
+                    "history": history,
+                    "sampler_seed": tc.seed,
+                    "data_state": data_state,
+                    **({"partial": partial} if partial is not None else {}),
+                },
+                ckpt_dir / "last.pt",
+            )
+
+    # SIGTERM (a scheduler's pre-emption) finishes the step, checkpoints and stops; one process only
+    stop = _StopRequest(enabled=not env.distributed)
     try:
         for epoch in range(start_epoch, tc.epochs):
             # ---- train one epoch ----
@@ -461,15 +501,28 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             method.train()
             train_sampler.set_epoch(epoch)
             train_loader.generator.manual_seed(tc.seed * 1_000_003 + epoch)
-            epoch_stats = dict(method.on_epoch_start(make_ctx(epoch, step)) or {})
-            loss_sum = torch.zeros((), device=device)
-            first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
             batches: Iterator = iter(train_loader)
+            if partial is None:
+                epoch_stats = dict(method.on_epoch_start(make_ctx(epoch, step)) or {})
+                loss_sum = torch.zeros((), device=device)
+                # the first non-finite step
+                first_bad = torch.full((), -1, dtype=torch.long, device=device)
+                skip, seconds_before = 0, 0.0
+            else:  # resumed part-way: the epoch's start ran; skip the batches already trained on
+                epoch_stats, skip = dict(partial["epoch_stats"]), int(partial["steps"])
+                loss_sum = partial["loss_sum"].to(device)
+                first_bad = partial["first_bad"].to(device)
+                seconds_before = float(partial["seconds"])
+                meter.load_state_dict(partial["meter"], device)
+                batches = itertools.islice(batches, skip * tc.accumulate, None)
+                partial = None
             bar = _progress(
                 steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", env.is_main and tc.progress
             )
-            t0 = time.perf_counter()
-            for _ in range(steps_per_epoch):
+            bar.update(skip)
+            t0 = time.perf_counter() - seconds_before
+            # `done`: the steps of this epoch taken, this one included
+            for done in range(skip + 1, steps_per_epoch + 1):
                 micro = [to_device(next(batches), device, train=True) for _ in range(tc.accumulate)]
                 ctx = make_ctx(epoch, step)
                 result = train_step(
@@ -507,6 +560,26 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
                     _check_finite(first_bad, epoch, record, ckpt_dir)
                     bar.set_postfix(loss=f"{record['loss/total']:.4f}")
                 bar.update()
+                if stop.signal is not None and done < steps_per_epoch:
+                    bar.close()
+                    _check_finite(first_bad, epoch, {}, ckpt_dir)  # never checkpoint a NaN
+                    save_last(
+                        epoch,
+                        partial={
+                            "steps": done,
+                            "loss_sum": loss_sum.detach().cpu(),
+                            "first_bad": first_bad.cpu(),
+                            "seconds": time.perf_counter() - t0,
+                            "epoch_stats": _plain(epoch_stats),
+                            "meter": meter.state_dict(),
+                        },
+                    )
+                    raise Stopped(
+                        f"stopped by {stop.name} after step {step} (epoch {epoch + 1}, step "
+                        f"{done}/{steps_per_epoch}), checkpointed; resume with multifair train "
+                        f"--resume {run_dir}",
+                        exit_code=128 + stop.signal,
+                    )
             bar.close()
             epoch_stats.update(method.on_epoch_end(make_ctx(epoch, step)) or {})
             if device.type == "cuda":
@@ -556,27 +629,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             logger.log(record)
             if env.is_main:
                 print(_epoch_line(record, tc.select_by), flush=True)  # a log file sees it now
-            rng = distributed.all_gather_objects(checkpoint.rng_state(), env)
-            if env.is_main:
-                checkpoint.save_atomic(
-                    {
-                        "format": checkpoint.FORMAT_VERSION,
-                        "epoch": epoch + 1,
-                        "step": step,
-                        **checkpoint.model_state(model, frozen),
-                        "method": method.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "rng": rng,
-                        "best": best,
-                        "timing": timing,
-                        "history": history,
-                        "sampler_seed": tc.seed,
-                        "data_state": data_state,
-                    },
-                    ckpt_dir / "last.pt",
-                )
+            save_last(epoch + 1)
             distributed.barrier(env)
             if (
                 tc.stop_after_epoch is not None
@@ -681,6 +734,7 @@ def _train(cfg: Any, env: DistEnv, resume_dir: str | Path | None) -> TrainResult
             dump_json(metrics, run_dir / "metrics.json")
         return TrainResult(run_dir, metrics, tc.epochs, history)
     finally:
+        stop.restore()
         logger.close()
 
 
@@ -745,6 +799,31 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
         return {"peak_memory_bytes": int(rss), "peak_memory_kind": "process_max_rss"}
     except ImportError:  # not on Windows
         return {"peak_memory_bytes": None, "peak_memory_kind": None}
+
+
+class _StopRequest:
+    """Remembers a SIGTERM instead of dying of it, so the loop can finish the step it is in,
+    write a checkpoint and stop (exit 143). Installed only in the main thread of a single
+    process (under torchrun every rank would have to agree on the step)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.signal: int | None = None
+        self._previous: Any = None
+        self._installed = enabled and threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal is not None else ""
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 class _NoBar:
