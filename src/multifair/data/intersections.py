@@ -7,13 +7,16 @@ sample whose part is unknown (-1) is unknown in the intersection.
 
 The minimum group size rule (`data.min_group_size`, counted on the TRAINING split only, and
 applied to every split alike): an intersection group with fewer training samples is not
-trained as its own group. Its first attribute keeps it: the small groups of one first-attribute
-value are pooled into `<value>|other` (e.g. `Asian|other`); when that pool is itself still
-below the limit, or holds every group of the value, all groups of that value become one group
-`<value>|*` (all Asian patients, what training on the first attribute alone would use). Nobody becomes unknown: a group-level
-method still sees every patient's first attribute, and no group is finer than the limit unless
-the first attribute's own group is. Combinations never seen in training follow the same rule
-(0 training samples), so val, test and new data always map to a trained group.
+trained as its own group; its first attribute keeps it. Per value of the first attribute:
+- the groups with at least `min_group_size` training samples are groups of their own;
+- the smaller ones are pooled into `<value>|other` (e.g. `Asian|other`: Asian patients of the
+  small gender groups), together with the combinations never seen in training (0 samples);
+- when no group of the value is large enough, or its small groups are too few even pooled,
+  every group of the value becomes one, `<value>|*` (all Asian patients: what training on
+  the first attribute alone would use).
+Nobody becomes unknown (a group-level method still sees each patient's first attribute), no
+group is smaller than the limit unless the first attribute's own group is, and val, test and
+new data always map to a group fitted on training.
 
 The fitted rule is JSON (`bundle.intersections`, stored in `bundle.state()`), so `evaluate` and
 `predict` on new data reuse the training split's groups exactly.
@@ -128,23 +131,18 @@ def fit(
     merged = []
     for first in vocab[0]:
         own = [c for c in combos if c[0] == first]
-        small = [c for c in own if counts[c] < min_group_size]
-        pooled = sum(counts[c] for c in small)
-        # a pool that is still small, or that holds every group of the value, is the value
-        whole = bool(small) and (pooled < min_group_size or len(small) == len(own))
-        first_name = group_name(first, group_names[names_of[0]])
+        # combinations never seen in training (0) never force a merge; they join the pool
+        big = [c for c in own if counts[c] >= max(min_group_size, 1)]
+        small = [c for c in own if 0 < counts[c] < min_group_size]
+        # no group of the value is large enough, or its small ones are too few even together
+        whole = not big or (bool(small) and sum(counts[c] for c in small) < min_group_size)
         for c in own:
-            if whole:
-                key[c] = (first, 2)
-            elif c in small:
-                key[c] = (first, 1)
-            else:
-                key[c] = (first, 0, *c[1:])
+            key[c] = (first, 2) if whole else (first, 0, *c[1:]) if c in big else (first, 1)
+        first_name = group_name(first, group_names[names_of[0]])
         into = NAME_SEP.join([first_name, WHOLE if whole else POOL])
         for c in own if whole else small:
-            if counts[c] == 0:
-                continue  # never seen in training: nothing to tell, it simply maps there
-            merged.append({"group": label(c), "n": counts[c], "into": into})
+            if counts[c] > 0:  # a combination never seen in training simply maps there
+                merged.append({"group": label(c), "n": counts[c], "into": into})
     order = sorted(set(key.values()))
     code_of = {k: i for i, k in enumerate(order)}
     names: dict[int, str] = {}
@@ -191,7 +189,10 @@ def merge_lines(attribute: str, fitted: Mapping[str, Any]) -> list[str]:
         if m["n"] < limit:
             why = f"has {m['n']} training samples < {limit}"
         else:  # a large group whose value's other groups are too small even together
-            why = f"({m['n']} training samples) joins the small groups of its first attribute"
+            why = (
+                f"has {m['n']} training samples, but the smaller groups of its first attribute "
+                f"stay < {limit} even together"
+            )
         lines.append(f"{attribute}: {m['group']} {why}: merged into {m['into']}")
     return lines
 
