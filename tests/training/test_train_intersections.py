@@ -69,7 +69,7 @@ def test_group_weights_and_es_auc_selection_on_the_intersection(weighted):
     assert any(g["small"] for g in block["groups"])
     # the printed table: a size column flagging the small groups
     table = out[out.index("race*sex: ", out.index("test split:")) :]
-    small = [g for g in block["groups"] if g["small"]][0]
+    small = next(g for g in block["groups"] if g["small"])
     line = next(x for x in table.splitlines() if x.strip().startswith(small["name"] + " "))
     assert line.rstrip().endswith("small") and f" {small['n']} " in line and "[" in line
     frame = pd.read_csv(run / "predictions_test.csv")
