@@ -79,9 +79,7 @@ def test_fairvision_race_by_gender(fairvision_tree, limit):
 
 def test_fairvlmed_intersection_with_unknowns(tmp_path: Path):
     make_tree(tmp_path, "fairvlmed", unknown_rate=0.3, seed=3)
-    cfg = DataConfig(
-        kind="fairvlmed", root=tmp_path, attribute="gender*language", min_group_size=3
-    )
+    cfg = DataConfig(kind="fairvlmed", root=tmp_path, attribute="gender*language", min_group_size=3)
     bundle = build_data(cfg)
     check_bundle(bundle, "gender*language", 3)
     assert (bundle.groups("train", "gender*language") == -1).any()  # language -1 -> unknown
@@ -236,6 +234,4 @@ def test_unknown_part_names_the_key_and_the_valid_attributes(tmp_path, fairvisio
     )
     root, _ = fairvision_tree
     with pytest.raises(UserError, match=r"data.attributes: 'sex' in 'race\*sex' .*'gender'"):
-        build_data(
-            DataConfig(kind="fairvision", root=root, attributes=["race*sex"], image_size=16)
-        )
+        build_data(DataConfig(kind="fairvision", root=root, attributes=["race*sex"], image_size=16))
