@@ -4,6 +4,7 @@ results hold one table per attribute, the intersection's included."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,11 @@ def test_benchmark_over_an_intersectional_attribute(tmp_path, capsys):
     assert "'data.attribute=race*sex'" in plan  # quoted for the shell
     assert main(["benchmark", str(path), "--no-report"]) == 0
     capsys.readouterr()
+    # Markdown: the "|" in group names is escaped, so every row has the header's columns
+    lines = (tmp_path / "bench/results/results.md").read_text().splitlines()
+    header = lines.index(next(x for x in lines if x.startswith("| method | AUC") and "\\|" in x))
+    columns = [len(re.findall(r"(?<!\\)\|", x)) for x in lines[header : header + 3]]
+    assert columns == [columns[1]] * 3, lines[header : header + 3]
     out = tmp_path / "bench"
     run = yaml.safe_load((out / "runs/synth/race_sex/erm/seed0/config.yaml").read_text())
     assert run["data"]["attribute"] == "race*sex" and run["data"]["min_group_size"] == 10
