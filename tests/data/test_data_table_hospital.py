@@ -121,7 +121,7 @@ def test_sentinel_counts_match_numerically_and_after_stripping(tmp_path: Path):
     frame.loc[3, "outcome"] = -999
     frame.loc[5, "race"] = "?"
     frame.to_csv(tmp_path / "h.csv", index=False)
-    with pytest.raises(UserError, match="row 3: column .outcome.: label -999 is outside"):
+    with pytest.raises(UserError, match=r"row 3: column 'outcome': label -999 is outside"):
         build_data(_cfg(tmp_path / "h.csv"))
     frame.loc[3, "outcome"] = 1
     frame.to_csv(tmp_path / "h.csv", index=False)

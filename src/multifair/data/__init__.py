@@ -100,10 +100,10 @@ def build_data(
     if cfg.kind == "fairvision":
         from multifair.data import fairvision
 
-        return fairvision.build(cfg, splits)
+        return fairvision.build(cfg, splits, state)
     from multifair.data import fairvlmed
 
-    return fairvlmed.build(cfg, splits)
+    return fairvlmed.build(cfg, splits, state)
 
 
 def prepare_cache(

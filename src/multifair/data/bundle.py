@@ -116,6 +116,8 @@ class DataBundle:
     group_names: attribute -> {code: name} (code -1 = unknown is not listed).
     source: "npz", "cache" or "table" - where the samples are read from.
     skipped: the files skipped under `skip_bad` (file, key, problem), for reports.
+    intersections: intersectional attribute -> its fitted groups and size rule
+    (data/intersections.py: names, training counts, merged groups).
     """
 
     config: DataConfig
@@ -127,6 +129,7 @@ class DataBundle:
     source: str
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fitted: dict[str, Any] | None = None  # table preprocessing fitted on train (see table.py)
+    intersections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.collate = Collator(
@@ -205,6 +208,7 @@ class DataBundle:
             },
             "modalities": {m: s.to_dict() for m, s in self.modalities.items()},
             "fitted": self.fitted,
+            "intersections": self.intersections,
         }
 
     def describe(self) -> str:
@@ -216,6 +220,10 @@ class DataBundle:
             lines.append(f"  {m}: {s.kind} {tuple(s.shape)}")
         names = self.group_names[self.train_attribute]
         lines.append(f"  groups ({self.train_attribute}): {names}")
+        for attribute, fitted in self.intersections.items():
+            merged = [f"{m['group']} -> {m['into']}" for m in fitted["merged"]]
+            if merged:
+                lines.append(f"  {attribute}: merged (< {fitted['min_group_size']}): {merged}")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad file(s)")
         return "\n".join(lines)

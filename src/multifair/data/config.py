@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from multifair.data.intersections import base_attributes, check_syntax
 from multifair.errors import UserError
 
 Kind = Literal["fairvision", "fairvlmed", "table"]
@@ -195,8 +196,13 @@ class DataConfig(_Strict):
     root: Path | None = None  # fairvision/fairvlmed: the dataset folder
     path: str | dict[str, str] | None = None  # table: file, {split: file}, or "sklearn:diabetes"
     # -- groups -----------------------------------------------------------------------------
-    attribute: str = "race"  # the TRAINING attribute: its codes go to batch["group"]
+    # the TRAINING attribute: its codes go to batch["group"]; `race*gender` trains on the
+    # intersection (data/intersections.py), whose parts stay evaluated too
+    attribute: str = "race"
     attributes: list[str] | None = None  # evaluated attributes (default: all present)
+    # an intersection group with fewer TRAINING samples is merged into its first attribute's
+    # remainder (`Asian|other`), the same way in every split; 0: never merge
+    min_group_size: int = Field(30, ge=0)
     # -1 (unknown) codes of the training attribute: keep them (metrics drop them), drop those
     # samples from every split, or treat them as an error.
     unknown: Literal["keep", "drop", "error"] = "keep"
@@ -227,6 +233,16 @@ class DataConfig(_Strict):
     # sentinel values that mean "not measured": column -> values, "*" -> every feature and
     # attribute column (a column's own list adds to "*"); matched before types are inferred
     missing_values: dict[str, list[str | int | float]] = Field(default_factory=dict)
+
+    @field_validator("attribute")
+    @classmethod
+    def _check_attribute(cls, value: str) -> str:
+        return check_syntax(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _check_attributes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [check_syntax(a) for a in value]
 
     @field_validator("missing_values")
     @classmethod
@@ -283,7 +299,9 @@ class DataConfig(_Strict):
 def _sentinel_columns(fields: Mapping[str, Any]) -> list[str]:
     """Tabular feature columns and attribute columns, from validated DataConfig fields."""
     columns = [c for m in fields["columns"].values() for c in m.columns]
-    names = [fields["attribute"], *(fields.get("attributes") or []), *fields["attribute_columns"]]
+    names = base_attributes(
+        [fields["attribute"], *(fields.get("attributes") or []), *fields["attribute_columns"]]
+    )
     for name in names:
         spec = fields["attribute_columns"].get(name, name)
         columns.append(spec if isinstance(spec, str) else spec.column)

@@ -12,9 +12,10 @@ label and attributes; `data_summary_glaucoma.csv` supplies age.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from multifair.data.bundle import DataBundle
 from multifair.data.config import DataConfig
@@ -141,5 +142,7 @@ def inputs(cfg: DataConfig, splits: Sequence[str]) -> SubjectInputs:
     return SubjectInputs(FORMAT, found.root, found.base, found.files, found.csvs, None, ages)
 
 
-def build(cfg: DataConfig, splits: Sequence[str]) -> DataBundle:
-    return build_subject_bundle(cfg, inputs(cfg, splits))
+def build(
+    cfg: DataConfig, splits: Sequence[str], state: Mapping[str, Any] | None = None
+) -> DataBundle:
+    return build_subject_bundle(cfg, inputs(cfg, splits), state)

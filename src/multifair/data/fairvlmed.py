@@ -11,9 +11,10 @@ findings reported". Tokenisation belongs to the text encoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from multifair.data.bundle import DataBundle
 from multifair.data.config import DataConfig
@@ -120,5 +121,7 @@ def inputs(cfg: DataConfig, splits: Sequence[str]) -> SubjectInputs:
     return SubjectInputs(FORMAT, found.root, found.base, found.files, found.csvs, note_fn, None)
 
 
-def build(cfg: DataConfig, splits: Sequence[str]) -> DataBundle:
-    return build_subject_bundle(cfg, inputs(cfg, splits))
+def build(
+    cfg: DataConfig, splits: Sequence[str], state: Mapping[str, Any] | None = None
+) -> DataBundle:
+    return build_subject_bundle(cfg, inputs(cfg, splits), state)

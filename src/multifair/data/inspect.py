@@ -34,6 +34,7 @@ from multifair.data.formats import (
     split_folders,
     subject_files,
 )
+from multifair.data.intersections import is_intersection
 from multifair.data.transforms import fundus_uint8, oct_uint8
 from multifair.errors import UserError
 
@@ -396,7 +397,8 @@ def inspect_table(cfg: DataConfig) -> dict[str, Any]:
             if bundle.source == "cache"
             else "not used: files decoded per sample (`multifair data prepare CONFIG` builds it)"
         )
-    report["missingness"] = group_missingness(frame, cfg, bundle.attributes)
+    single = [a for a in bundle.attributes if not is_intersection(a)]  # columns of the table
+    report["missingness"] = group_missingness(frame, cfg, single)
     return report
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from multifair.console import bars_enabled
+from multifair.data import intersections
 from multifair.data.bundle import (
     CollatedSamples,
     DataBundle,
@@ -393,8 +394,13 @@ def select_modalities(cfg: DataConfig, fmt: SubjectFormat) -> list[str]:
 
 
 def select_attributes(cfg: DataConfig, present: Sequence[str], source: str) -> list[str]:
-    """The evaluated attributes (training attribute first is not required; it is included)."""
-    for name in [cfg.attribute, *(cfg.attributes or [])]:
+    """The evaluated attributes (training attribute first is not required; it is included,
+    with its parts when it is an intersection)."""
+    named = [cfg.attribute, *(cfg.attributes or [])]
+    intersections.check_parts(
+        cfg.attribute, cfg.attributes, [a for a in present if a in GROUP_NAMES]
+    )
+    for name in intersections.base_attributes(named):
         if name not in GROUP_NAMES:
             raise UserError(
                 f"data.attribute(s): {name!r} is not an attribute (known: {list(GROUP_NAMES)})"
@@ -402,9 +408,7 @@ def select_attributes(cfg: DataConfig, present: Sequence[str], source: str) -> l
         if name not in present:
             raise UserError(f"{source}: attribute {name!r} not stored (present: {list(present)})")
     chosen = list(cfg.attributes) if cfg.attributes is not None else list(present)
-    if cfg.attribute not in chosen:
-        chosen.insert(0, cfg.attribute)
-    return chosen
+    return intersections.evaluated(cfg.attribute, chosen)
 
 
 def apply_unknown_policy(
@@ -540,8 +544,11 @@ class SubjectSource:
         }
 
 
-def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
-    """Shared build for FairVision/FairVLMed once the split files are known."""
+def build_subject_bundle(
+    cfg: DataConfig, inputs: SubjectInputs, state: Mapping[str, Any] | None = None
+) -> DataBundle:
+    """Shared build for FairVision/FairVLMed once the split files are known; `state` (a
+    previous `bundle.state()`) brings the intersection groups fitted on its training split."""
     fmt, root, files = inputs.fmt, inputs.root, inputs.files
     note_fn, ages = inputs.note_fn, inputs.ages
 
@@ -582,10 +589,22 @@ def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
         source = "npz"
     problems.report(f"{cfg.kind} {root}")
     attributes = select_attributes(cfg, present, str(root))
+    group_names = {a: dict(GROUP_NAMES[a]) for a in intersections.base_attributes(attributes)}
+    fitted = intersections.build(
+        attributes,
+        {split: rec.codes for split, rec in records.items()},
+        group_names,
+        cfg.min_group_size,
+        saved=(state or {}).get("intersections"),
+    )
+    group_names.update({a: intersections.names(f) for a, f in fitted.items()})
     datasets: dict[str, Dataset] = {}
     for split in files:
         rec = records[split]
-        rec.codes = {a: rec.codes[a] for a in attributes}
+        rec.codes = {
+            a: intersections.apply(fitted[a], rec.codes) if a in fitted else rec.codes[a]
+            for a in attributes
+        }
         rec, kept = apply_unknown_policy(rec, cfg, split, cfg.attribute)
         if len(rec) == 0:
             raise UserError(f"{root}: the {split} split is empty after data.unknown={cfg.unknown}")
@@ -607,8 +626,9 @@ def build_subject_bundle(cfg: DataConfig, inputs: SubjectInputs) -> DataBundle:
         datasets=datasets,
         modalities=modality_specs(cfg, fmt, modalities, any_records),
         attributes=attributes,
-        group_names={a: dict(GROUP_NAMES[a]) for a in attributes},
+        group_names={a: group_names[a] for a in attributes},
         train_attribute=cfg.attribute,
         source=source,
         skipped=[p.as_dict() for p in problems.items],
+        intersections=fitted,
     )

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from multifair.csvcheck import check_csv_header
-from multifair.data import cache
+from multifair.data import cache, intersections
 from multifair.data.bundle import DataBundle, ModalitySpec, check_state, state_group_names
 from multifair.data.config import (
     SPLITS,
@@ -840,10 +840,13 @@ def build(
         raise UserError(
             f"data.modalities: {unknown_modalities} not in data.columns {list(cfg.columns)}"
         )
-    attributes = list(cfg.attributes) if cfg.attributes is not None else list(cfg.attribute_columns)
-    if cfg.attribute not in attributes:
-        attributes.insert(0, cfg.attribute)
-    specs = {a: _attribute_spec(cfg, a) for a in attributes}
+    chosen = list(cfg.attributes) if cfg.attributes is not None else list(cfg.attribute_columns)
+    attributes = intersections.evaluated(cfg.attribute, chosen)
+    intersections.check_parts(
+        cfg.attribute, cfg.attributes, list(cfg.attribute_columns), also=set(frame.columns)
+    )
+    base_attributes = intersections.base_attributes(attributes)  # the single ones, read below
+    specs = {a: _attribute_spec(cfg, a) for a in base_attributes}
     needed = [s.column for s in specs.values()]
     for m in order:
         mod = cfg.columns[m]
@@ -874,16 +877,16 @@ def build(
         check_state(state, "table")
         fitted_all = state["fitted"]
         group_names = state_group_names(state)
-        missing = [a for a in attributes if a not in fitted_all["attributes"]]
+        missing = [a for a in base_attributes if a not in fitted_all["attributes"]]
         if missing:
             raise UserError(f"data state has no fitted attribute(s) {missing}")
     else:
         fitted_all = {"attributes": {}, "features": {}}
-        for a in attributes:
+        for a in base_attributes:
             fitted_all["attributes"][a] = fit_attribute(frame[specs[a].column].tolist(), specs[a])
         group_names = {}
     codes: dict[str, np.ndarray] = {}
-    for a in attributes:
+    for a in base_attributes:
         fa = fitted_all["attributes"][a]
         codes[a], errs = _attribute_codes(frame[specs[a].column].tolist(), specs[a], fa)
         merge(errs)
@@ -917,7 +920,8 @@ def build(
         for m in image_mods:
             merge(_cached_bad_rows(stores[m], files[m], cfg.columns[m].column, base))
 
-    # split assignment
+    # split assignment (stratified by every combination of an intersection, before any merge)
+    train_groups = intersections.raw_codes(cfg.attribute, codes)
     if "all" in splits:
         if len(splits) != 1:
             raise UserError("split 'all' cannot be combined with other splits")
@@ -927,7 +931,7 @@ def build(
     elif cfg.split.column:
         assignment = _split_from_column(frame[cfg.split.column].tolist(), cfg.split, source)
     else:
-        assignment = stratified_split(labels, codes[cfg.attribute], cfg.split)
+        assignment = stratified_split(labels, train_groups, cfg.split)
 
     bad = np.array([bool(e) for e in row_errors])
     skipped: list[dict[str, Any]] = []
@@ -939,7 +943,7 @@ def build(
         log.warning(
             "%s: skipped %d bad row(s) (first: %s)", source, len(skipped), row_errors[first]
         )
-    unknown = codes[cfg.attribute] == -1
+    unknown = train_groups == -1
     if cfg.unknown == "error" and (unknown & ~bad).any():
         first = int(np.flatnonzero(unknown & ~bad)[0])
         raise UserError(
@@ -957,6 +961,22 @@ def build(
             fitted_all["features"][m] = fit_features(
                 train_frame, types[m], cfg.columns[m].transforms
             )
+
+    # intersections: groups from the training rows' sizes (or the saved state), every split alike
+    train_rows = keep & (assignment == "train")
+    train_codes = (
+        {"train": {a: c[train_rows] for a, c in codes.items()}} if train_rows.any() else {}
+    )
+    fitted_groups = intersections.build(
+        attributes,
+        train_codes,
+        group_names,
+        cfg.min_group_size,
+        saved=(state or {}).get("intersections"),
+    )
+    for a, fitted_group in fitted_groups.items():
+        codes[a] = intersections.apply(fitted_group, codes)
+        group_names[a] = intersections.names(fitted_group)
 
     ids_all = (
         [str(v) for v in frame[cfg.id_column].tolist()]
@@ -994,7 +1014,7 @@ def build(
         datasets[split] = TableDataset(
             [ids_all[i] for i in rows],
             labels[rows],
-            {a: c[rows] for a, c in codes.items()},
+            {a: codes[a][rows] for a in attributes},
             cfg.attribute,
             tabular,
             images,
@@ -1021,16 +1041,17 @@ def build(
             modalities[m] = ModalitySpec(m, "volume", (k, s, s), k, (k, s, s), "uint8")
         else:
             modalities[m] = ModalitySpec(m, "text", (), 0, (), "str")
-    for a, names in group_names.items():
-        fitted_all["attributes"][a]["names"] = {str(k): v for k, v in names.items()}
+    for a in base_attributes:
+        fitted_all["attributes"][a]["names"] = {str(k): v for k, v in group_names[a].items()}
     return DataBundle(
         config=cfg,
         datasets=datasets,
         modalities=modalities,
         attributes=attributes,
-        group_names=group_names,
+        group_names={a: group_names[a] for a in attributes},
         train_attribute=cfg.attribute,
         source="table" if stores is None else "cache",
         skipped=skipped,
         fitted=fitted_all,
+        intersections=fitted_groups,
     )

@@ -248,11 +248,11 @@ def to_markdown(tables: Sequence[Table], collection: Collection | None = None) -
     for table in tables:
         for i, (title, header, rows, notes) in enumerate(table_blocks(table)):
             out.append(f"{'##' if i == 0 else '###'} {title}\n")
-            out.append("| " + " | ".join(header) + " |")
-            out.append("|" + "|".join("---" for _ in header) + "|")
-            out.extend(
-                "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
-            )
+            # a "|" inside a cell (intersection groups: "AUC Asian|Female") is escaped
+            for row in [header, *rows]:
+                out.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+                if row is header:
+                    out.append("|" + "|".join("---" for _ in header) + "|")
             out.append("")
             out.extend(f"- {note}" for note in notes if note)
             out.append("")

@@ -121,7 +121,12 @@ def evaluate_run(
     tc = loaded.cfg.train
     preds = _predict_split(loaded, split)
     summary = evaluate_predictions(
-        preds, loaded.data.group_names, loaded.data.train_attribute, n_boot=n_boot, seed=tc.seed
+        preds,
+        loaded.data.group_names,
+        loaded.data.train_attribute,
+        n_boot=n_boot,
+        seed=tc.seed,
+        min_group_size=loaded.data.config.min_group_size,
     )
     return summary, preds, loaded
 

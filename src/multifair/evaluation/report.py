@@ -450,6 +450,7 @@ def grouped_findings_html(findings: Sequence[tuple[str, Finding]]) -> str:
 # ============================================================================================
 def _summary_tables(summary: dict[str, Any]) -> str:
     overall = summary.get("overall") or {}
+    policy = summary.get("policy") or {}
     parts = [
         '<p class="note">'
         f"n = {summary.get('n')}, positives = {summary.get('positives')}, threshold = "
@@ -480,7 +481,10 @@ def _summary_tables(summary: dict[str, Any]) -> str:
                 _f(g.get("selection_rate")),
                 _f(g.get("tpr")),
                 _f(g.get("fpr")),
-                g.get("auc_note") or "",
+                "; ".join(
+                    [g["auc_note"]] * bool(g.get("auc_note"))
+                    + [f"small (n < {policy.get('min_group_size')})"] * bool(g.get("small"))
+                ),
             ]
             for g in block.get("groups") or []
         ]
@@ -490,6 +494,26 @@ def _summary_tables(summary: dict[str, Any]) -> str:
             )
         )
     return "\n".join(parts)
+
+
+def _intersection_section(name: str, fitted: dict[str, Any]) -> str:
+    """The groups of an intersectional attribute as trained: training sizes and merges."""
+    limit = fitted.get("min_group_size")
+    merged: dict[str, list[str]] = {}
+    for m in fitted.get("merged") or []:
+        merged.setdefault(m["into"], []).append(f"{m['group']} ({m['n']})")
+    rows = [
+        [group, n, ", ".join(merged.get(group, []))]
+        for group, n in (fitted.get("train_counts") or {}).items()
+    ]
+    return (
+        f"<h2>Intersection {_esc(name)}: groups as trained</h2>"
+        + _table(["group", "training samples", "merged from (training samples)"], rows)
+        + f'<p class="note">data.min_group_size = {_esc(limit)}: a group with fewer training '
+        "samples is merged into its first attribute's remainder (<i>value</i>|other), or into "
+        "<i>value</i>|* (every group of that value) when the remainder is still too small; "
+        "the same groups in every split.</p>"
+    )
 
 
 def _ci(bounds: Any) -> str:
@@ -539,6 +563,8 @@ def render_run_report(run_dir: str | Path) -> str:
             "and each modality head's margin plus the intercept; the shared model is fused 1, "
             "modalities 0, intercept 0 (kept for a group too small to fit).</p>"
         )
+    for name, fitted in (metrics.get("intersections") or {}).items():
+        body.append(_intersection_section(name, fitted))
     if "test" in metrics:
         body.append("<h2>Test metrics</h2>" + _summary_tables(metrics["test"]))
     if "val" in metrics:

@@ -49,6 +49,7 @@ def summarize(
     seed: int = 0,
     unknown: str = "drop",
     single_class: str = "skip",
+    min_group_size: int | None = None,
 ) -> dict[str, Any]:
     """Overall and per-group metrics for each attribute, with percentile bootstrap CIs when
     n_boot > 0.
@@ -57,13 +58,16 @@ def summarize(
     attribute -> {code: name}. With unknown="drop" the ES-AUC, ES-ACC and disparity ratios of an
     attribute are relative to the AUC/accuracy of its evaluated (known) samples, as FairVision
     computes them; `overall` and `ci.auc` are over all samples. An attribute with fewer than two
-    groups, or two groups with the same name, is a `UserError`."""
+    groups, or two groups with the same name, is a `UserError`. With `min_group_size`, every
+    group carries `"small": n < min_group_size` (its AUC rests on few samples: read its CI)."""
     if unknown not in UNKNOWN_POLICIES:
         raise UserError(f"unknown={unknown!r} is not one of {list(UNKNOWN_POLICIES)}")
     if single_class not in SINGLE_CLASS_POLICIES:
         raise UserError(
             f"single_class={single_class!r} is not one of {list(SINGLE_CLASS_POLICIES)}"
         )
+    if min_group_size is not None and int(min_group_size) < 0:
+        raise UserError(f"min_group_size={min_group_size} must be >= 0")
     if int(n_boot) < 0:
         raise UserError(f"n_boot={n_boot} must be >= 0")
     if not (0.0 < float(ci) < 1.0):
@@ -76,7 +80,11 @@ def summarize(
         "positives": int(y.sum()),
         "threshold": float(threshold),
         "overall": {"auc": _num(roc_auc(y, s)), "acc": float(np.mean((s >= threshold) == y))},
-        "policy": {"unknown": unknown, "single_class": single_class},
+        "policy": {
+            "unknown": unknown,
+            "single_class": single_class,
+            **({} if min_group_size is None else {"min_group_size": int(min_group_size)}),
+        },
         "attributes": {},
     }
     boot = None
@@ -125,6 +133,11 @@ def summarize(
                     "selection_rate": float(table.selection_rate[k]),
                     "tpr": float(table.tpr[k]),
                     "fpr": float(table.fpr[k]),
+                    **(
+                        {}
+                        if min_group_size is None
+                        else {"small": bool(table.n[k] < min_group_size)}
+                    ),
                 }
                 for k, (code, nm) in enumerate(zip(table.codes, names))
             ],

@@ -40,6 +40,14 @@ def policy_lines(summary: Mapping[str, Any]) -> list[str]:
         "policy: "
         + _SINGLE_CLASS_TEXT.get(policy["single_class"], f"single_class={policy['single_class']}"),
         "policy: a group with no positives has TPR 0; one with no negatives has FPR 0 (fairlearn)",
+        *(
+            [
+                f"policy: a group with n < {policy['min_group_size']} in this split is flagged "
+                "small: its AUC rests on few samples, read its interval"
+            ]
+            if "min_group_size" in policy
+            else []
+        ),
     ]
 
 
@@ -90,7 +98,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
             ),
         ]
         auc_head = f"AUC [{100 * ci['level']:g}% CI]" if ci else "AUC"
+        flag = any("small" in g for g in groups)  # a column only when sizes were judged
         rows = [["group", "n", "positives", auc_head, "ACC", "sel.rate", "TPR", "FPR"]]
+        rows[0] += ["size"] if flag else []
         for g in groups:
             auc = _with_ci(g["auc"], ci["group_auc"].get(g["name"]) if ci else None)
             if g["auc"] is None:
@@ -105,6 +115,7 @@ def format_table(summary: Mapping[str, Any]) -> str:
                     _f(g["selection_rate"]),
                     _f(g["tpr"]),
                     _f(g["fpr"]),
+                    *((["small"] if g.get("small") else [""]) if flag else []),
                 ]
             )
         out += _grid(rows, right={1, 2})

@@ -81,7 +81,9 @@ class OutputConfig(BaseModel):
     dir: str | None = None
     # splits whose predictions are written as predictions_<split>.csv with the selected model
     predictions: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
-    n_boot: int = Field(0, ge=0)  # bootstrap resamples for the test summary's CIs (0: none)
+    # bootstrap resamples for the test summary's CIs (0: none); on by default so every group's
+    # AUC is printed with its interval (a small group's AUC means little without it)
+    n_boot: int = Field(1000, ge=0)
 
 
 class RunConfigBase(BaseModel):

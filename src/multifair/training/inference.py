@@ -216,11 +216,13 @@ def evaluate_predictions(
     n_boot: int = 0,
     seed: int = 0,
     threshold: float = 0.5,
+    min_group_size: int | None = None,
 ) -> dict[str, Any]:
     """`metrics.summarize` over every attribute that has at least two known groups in the split.
 
     The training `attribute` must have two; other attributes with fewer are left out (a small
-    split may not contain every group) rather than failing the run."""
+    split may not contain every group) rather than failing the run. `min_group_size`
+    (`data.min_group_size`) flags the groups smaller than that in this split."""
     from multifair.metrics import summarize
 
     if len(preds) == 0:
@@ -246,6 +248,7 @@ def evaluate_predictions(
         threshold=threshold,
         n_boot=n_boot,
         seed=seed,
+        min_group_size=min_group_size,
     )
 
 

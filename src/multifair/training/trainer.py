@@ -701,7 +701,12 @@ def _train(
             if split in ("val", "test"):
                 n_boot = cfg.output.n_boot if split == "test" else 0
                 summaries[split] = evaluate_predictions(
-                    preds, data.group_names, attribute, n_boot=n_boot, seed=tc.seed
+                    preds,
+                    data.group_names,
+                    attribute,
+                    n_boot=n_boot,
+                    seed=tc.seed,
+                    min_group_size=cfg.data.min_group_size,
                 )
                 aux_auc[split] = val_record(summaries[split], attribute, preds, modalities)[
                     "aux_auc"
@@ -717,6 +722,8 @@ def _train(
             "select_from": tc.select_from,
             "selected_epoch": best["epoch"],
             "attribute": attribute,
+            # intersectional attributes: their groups, training sizes and merges (the size rule)
+            **({"intersections": data.intersections} if data.intersections else {}),
             "val": summaries["val"],
             "test": summaries["test"],
             # each auxiliary (single-modality) head's AUC: how much each modality was learned
