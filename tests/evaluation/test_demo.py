@@ -52,6 +52,16 @@ def test_demo_matrix_is_configs_benchmarks_demo_yaml(tmp_path):
         assert one == two, a.label
 
 
+def test_a_bad_override_is_one_line_before_any_data_or_run(tmp_path, capsys):
+    args = ["demo", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "runs"), "train.epoch=3"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "multifair demo: error: config: train.epoch: unknown key; did you mean 'epochs'? (got 3)"
+    ]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
 def _row(label: str, paired: dict[str, Paired] | None = None, **mean: float) -> Row:
     return Row(label, label, "x", None, None, [0, 1], {}, dict(mean), {}, {}, "auc", False,
                False, paired=paired or {})  # fmt: skip

@@ -205,16 +205,21 @@ def run_demo(
     from multifair.evaluation import benchmark_report as br
     from multifair.evaluation import benchmark_tables as bt
     from multifair.evaluation.report import write_report
+    from multifair.training.config import resolve_run_config
 
     started = time.monotonic()
     out_dir = Path(out) if out else Path("runs") / "demo"
+    cache_dir = Path(cache) if cache else default_cache()
+    # a mistake in an override is one line now, not 18 failed runs after the data is generated
+    recipe = deep_merge(deep_merge(DEMO_CONFIG, {"data": {"root": str(cache_dir)}}), DEMO_OVERRIDES)
+    resolve_run_config(None, list(overrides), base=recipe)
     print(
         f"multifair demo: {knobs['n']:,} synthetic patients (fundus photo + OCT volume), race "
         "groups Asian / Black / White at 10 / 15 / 75%.\nThe fundus cue is strong for White "
         "patients and weak for the minorities; the OCT cue serves everyone.\n"
     )
     print("1/3 data")
-    root, _ = ensure_data(Path(cache) if cache else default_cache(), knobs)
+    root, _ = ensure_data(cache_dir, knobs)
     print(f"    {root}")
     cfg = demo_benchmark(
         root, out_dir.resolve(), seeds=seeds, overrides=overrides, knobs=knobs, workers=workers
