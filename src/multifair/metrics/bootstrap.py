@@ -31,8 +31,12 @@ from multifair.metrics.fairness import (
     UNKNOWN,
     UNKNOWN_POLICIES,
     check_inputs,
+    check_multiclass_inputs,
     disparity_ratios,
     equity_scaled,
+    is_multiclass,
+    multiclass_deodds,
+    multiclass_dpd,
     spread,
 )
 
@@ -204,12 +208,18 @@ def bootstrap_metrics(
     Returns ``{"overall": {"auc": (R,), "acc": (R,)}, "attributes": {name: {"codes": (G,),
     "group_auc" | "acc" | "selection_rate" | "tpr" | "fpr" | "n" | "positives": (R, G),
     "overall_auc" | "overall_acc" | "es_auc" | "es_acc" | "dpd" | "deodds" | "auc_std_ratio" |
-    "auc_range_ratio": (R,)}}}``. `indices` (R, n) overrides the seeded draw."""
+    "auc_range_ratio": (R,)}}}``. `indices` (R, n) overrides the seeded draw. Multi-class
+    scores (n, K) give the same keys except "positives", "selection_rate", "tpr", "fpr"
+    (per-class there), with the macro one-vs-rest AUCs and the multi-class DPD/DEOdds."""
     if unknown not in UNKNOWN_POLICIES:
         raise UserError(f"unknown={unknown!r} is not one of {list(UNKNOWN_POLICIES)}")
     if single_class not in SINGLE_CLASS_POLICIES:
         raise UserError(
             f"single_class={single_class!r} is not one of {list(SINGLE_CLASS_POLICIES)}"
+        )
+    if is_multiclass(y_score):
+        return _bootstrap_multiclass(
+            y_true, y_score, sensitive_features, n_boot, seed, unknown, single_class, alpha, indices
         )
     y, s, _ = check_inputs(y_true, y_score, threshold=threshold)
     n = len(y)
@@ -248,4 +258,137 @@ def bootstrap_metrics(
     for name, plan in plans.items():
         keys = parts[name][0].keys() if parts[name] else ()
         out["attributes"][name] = {"codes": plan.codes, **{k: stack(parts[name], k) for k in keys}}
+    return out
+
+
+class _MultiClassPlan:
+    """`_AttributePlan` for multi-class scores: one sorted subset per (group, class)."""
+
+    def __init__(self, y, p, pred, g, orders, unknown: str, overall: list[_SortedSubset]):
+        k = p.shape[1]
+        evaluated = np.ones(len(y), bool) if unknown == "keep" else g != UNKNOWN
+        self.codes = np.unique(g[evaluated])
+        if len(self.codes) == 0:
+            raise UserError("every sample has an unknown (-1) group: nothing to evaluate")
+        self.k = k
+        self.drops_nothing = bool(evaluated.all())
+        onehot = y[:, None] == np.arange(k)[None, :]  # (n, K)
+        self.overall = (
+            overall
+            if self.drops_nothing
+            else [_SortedSubset(orders[c], p[:, c], onehot[:, c], evaluated) for c in range(k)]
+        )
+        in_group = (g[:, None] == self.codes[None, :]) & evaluated[:, None]  # (n, G)
+        self.groups = [
+            [_SortedSubset(orders[c], p[:, c], onehot[:, c], in_group[:, j]) for c in range(k)]
+            for j in range(len(self.codes))
+        ]
+        ind = in_group.astype(np.float64)  # (n, G)
+        yk = onehot.astype(np.float64)  # (n, K)
+        pk = (pred[:, None] == np.arange(k)[None, :]).astype(np.float64)  # (n, K)
+        outer = lambda a: (ind[:, :, None] * a[:, None, :]).reshape(len(y), -1)  # noqa: E731
+        # Columns: n, correct (G each), then class counts, selected, TP, FP (G*K each, g-major).
+        self.features = np.concatenate(
+            [
+                ind,
+                ind * (pred == y)[:, None],
+                outer(yk),
+                outer(pk),
+                outer(yk * pk),
+                outer((1 - yk) * pk),
+            ],
+            axis=1,
+        )
+
+    def replicates(
+        self, counts: np.ndarray, everyone_auc: np.ndarray, single_class: str, alpha: float
+    ) -> dict[str, np.ndarray]:
+        big_g, k = len(self.codes), self.k
+        sums = counts @ self.features
+        n, correct = sums[:, :big_g], sums[:, big_g : 2 * big_g]
+        rest = sums[:, 2 * big_g :].reshape(len(counts), 4, big_g, k)
+        cnt, sel, tp, fp = rest[:, 0], rest[:, 1], rest[:, 2], rest[:, 3]  # (r, G, K)
+        present = n > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            acc = np.where(present, correct / n, np.nan)
+            selection_rate = np.where(present[..., None], sel / n[..., None], np.nan)
+            tpr = np.where(cnt > 0, tp / cnt, np.nan)
+            fpr = np.where(n[..., None] > cnt, fp / (n[..., None] - cnt), np.nan)
+            overall_acc = correct.sum(axis=1) / n.sum(axis=1)
+        overall_auc = everyone_auc if self.drops_nothing else _macro(self.overall, counts)
+        group_auc = np.stack([_macro(subs, counts) for subs in self.groups], axis=1)  # (r, G)
+        std_ratio, range_ratio = disparity_ratios(
+            overall_auc, group_auc, present, single_class=single_class
+        )
+        return {
+            "n": n,
+            "group_auc": group_auc,
+            "acc": acc,
+            "overall_auc": overall_auc,
+            "overall_acc": overall_acc,
+            "es_auc": equity_scaled(
+                overall_auc, group_auc, present, alpha=alpha, single_class=single_class
+            ),
+            "es_acc": equity_scaled(overall_acc, acc, present, alpha=alpha),
+            "dpd": multiclass_dpd(selection_rate, present),
+            "deodds": multiclass_deodds(tpr, fpr, present),
+            "auc_std_ratio": std_ratio,
+            "auc_range_ratio": range_ratio,
+        }
+
+
+def _macro(subsets: list[_SortedSubset], counts: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest AUC per resample: mean over classes, NaN when a class is missing."""
+    return np.stack([sub.auc(counts) for sub in subsets], axis=1).mean(axis=1)
+
+
+def _bootstrap_multiclass(
+    y_true: object,
+    y_score: object,
+    sensitive_features: Mapping[str, object],
+    n_boot: int,
+    seed: int,
+    unknown: str,
+    single_class: str,
+    alpha: float,
+    indices: np.ndarray | None,
+) -> dict[str, dict]:
+    """`bootstrap_metrics` for (n, K) class probabilities (same resamples for a given seed)."""
+    y, p, _ = check_multiclass_inputs(y_true, y_score)
+    n, k = p.shape
+    if indices is None:
+        indices = bootstrap_indices(n, n_boot, seed)
+    indices = np.asarray(indices)
+    assert indices.ndim == 2 and indices.shape[1] == n, "indices must be (R, n)"
+    pred = p.argmax(axis=1)
+    orders = [np.argsort(p[:, c], kind="stable") for c in range(k)]
+    everyone = [_SortedSubset(orders[c], p[:, c], y == c, np.ones(n, dtype=bool)) for c in range(k)]
+    plans = {}
+    for name, groups in sensitive_features.items():
+        _, _, g = check_multiclass_inputs(y, p, groups)
+        plans[name] = _MultiClassPlan(y, p, pred, g, orders, unknown, everyone)
+    correct = (pred == y).astype(np.float64)
+    chunk = max(1, _CHUNK_ELEMENTS // n)
+    parts_overall: list[dict[str, np.ndarray]] = []
+    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in plans}
+    for start in range(0, indices.shape[0], chunk):
+        counts = resample_counts(indices[start : start + chunk], n)
+        everyone_auc = _macro(everyone, counts)
+        parts_overall.append({"auc": everyone_auc, "acc": counts @ correct / n})
+        for name, plan in plans.items():
+            parts[name].append(plan.replicates(counts, everyone_auc, single_class, alpha))
+
+    def stack(chunks: list[dict[str, np.ndarray]], key: str) -> np.ndarray:
+        return np.concatenate([c[key] for c in chunks], axis=0) if chunks else np.empty((0,))
+
+    out: dict[str, dict] = {
+        "overall": {key: stack(parts_overall, key) for key in ("auc", "acc")},
+        "attributes": {},
+    }
+    for name, plan in plans.items():
+        keys = parts[name][0].keys() if parts[name] else ()
+        out["attributes"][name] = {
+            "codes": plan.codes,
+            **{key: stack(parts[name], key) for key in keys},
+        }
     return out

@@ -32,6 +32,7 @@ Edge-case policies (explicit arguments; every summary records which were used):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,16 +45,21 @@ UNKNOWN_POLICIES = ("drop", "keep")
 SINGLE_CLASS_POLICIES = ("skip", "propagate")
 
 __all__ = [
+    "PROB_SUM_TOL",
     "SINGLE_CLASS_POLICIES",
     "UNKNOWN",
     "UNKNOWN_POLICIES",
     "GroupTable",
+    "MultiClassTable",
     "accuracy",
     "auc_note",
     "between_group_disparity",
     "check_inputs",
+    "check_multiclass_inputs",
+    "class_auc_note",
     "demographic_parity_difference",
     "disaggregate",
+    "disaggregate_multiclass",
     "disparity_ratios",
     "equalized_odds_difference",
     "equity_scaled",
@@ -61,6 +67,9 @@ __all__ = [
     "es_auc",
     "false_positive_rate_by_group",
     "group_auc",
+    "is_multiclass",
+    "multiclass_deodds",
+    "multiclass_dpd",
     "roc_auc",
     "selection_rate_by_group",
     "spread",
@@ -86,6 +95,12 @@ def check_inputs(
     groups int64 or None); a mistake raises `UserError` naming the argument, index and value."""
     y_true_arr = np.asarray(y_true)
     y_score_arr = np.asarray(y_score, dtype=np.float64)
+    if y_true_arr.ndim == 1 and y_score_arr.ndim == 2:
+        raise UserError(
+            f"y_score has shape {y_score_arr.shape}: one column per class is a multi-class "
+            "prediction; this function takes binary scores (n,) (the named metrics and "
+            "`summarize` accept (n, K) class probabilities)"
+        )
     if y_true_arr.ndim != 1 or y_score_arr.ndim != 1:
         raise UserError(
             f"y_true and y_score must be 1-D, got shapes {y_true_arr.shape} and {y_score_arr.shape}"
@@ -109,28 +124,32 @@ def check_inputs(
         )
     if not (0.0 <= float(threshold) <= 1.0):
         raise UserError(f"threshold={threshold!r} must be in [0, 1]")
-    groups_arr = None
-    if groups is not None:
-        raw = np.asarray(groups)
-        if raw.shape != y_true_arr.shape:
-            raise UserError(
-                f"groups has {raw.shape[0] if raw.ndim else 0} entries but y_true has "
-                f"{len(y_true_arr)}: they must have one entry per prediction"
-            )
-        if not np.issubdtype(raw.dtype, np.integer):
-            as_float = np.asarray(raw, dtype=np.float64) if raw.dtype.kind in "biuf" else None
-            if as_float is None or not np.all(as_float == np.round(as_float)):
-                raise UserError(
-                    "groups must be integer codes (-1 = unknown); encode strings first, e.g. "
-                    "with multifair.metrics.encode_groups"
-                )
-            raw = as_float
-        groups_arr = raw.astype(np.int64)
-        bad = groups_arr < UNKNOWN
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise UserError(f"groups[{i}] = {groups_arr[i]}: codes must be >= 0, or -1 for unknown")
+    groups_arr = None if groups is None else _check_groups(groups, y_true_arr.shape)
     return y_true_arr.astype(np.int64), y_score_arr, groups_arr
+
+
+def _check_groups(groups: object, shape: tuple[int, ...]) -> np.ndarray:
+    """Integer group codes >= -1, one per prediction (`shape` is that of y_true)."""
+    raw = np.asarray(groups)
+    if raw.shape != shape:
+        raise UserError(
+            f"groups has {raw.shape[0] if raw.ndim else 0} entries but y_true has "
+            f"{shape[0]}: they must have one entry per prediction"
+        )
+    if not np.issubdtype(raw.dtype, np.integer):
+        as_float = np.asarray(raw, dtype=np.float64) if raw.dtype.kind in "biuf" else None
+        if as_float is None or not np.all(as_float == np.round(as_float)):
+            raise UserError(
+                "groups must be integer codes (-1 = unknown); encode strings first, e.g. "
+                "with multifair.metrics.encode_groups"
+            )
+        raw = as_float
+    groups_arr = raw.astype(np.int64)
+    bad = groups_arr < UNKNOWN
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(f"groups[{i}] = {groups_arr[i]}: codes must be >= 0, or -1 for unknown")
+    return groups_arr
 
 
 # ---------------------------------------------------------------------------- single metrics
@@ -138,7 +157,11 @@ def roc_auc(y_true: object, y_score: object) -> float:
     """Binary ROC-AUC (scikit-learn), NaN when the labels hold a single class.
 
     The single-class case is decided here rather than by scikit-learn, whose behaviour changed
-    across versions (raise vs warn-and-NaN)."""
+    across versions (raise vs warn-and-NaN). Multi-class scores (n, K): the macro one-vs-rest
+    AUC (sklearn's multi_class="ovr", average="macro"), NaN when a class is absent."""
+    if is_multiclass(y_score):
+        y, p, _ = check_multiclass_inputs(y_true, y_score)
+        return _macro_auc(y, p)
     y, s, _ = check_inputs(y_true, y_score)
     return _auc(y, s)
 
@@ -151,7 +174,11 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def accuracy(y_true: object, y_score: object, *, threshold: float = 0.5) -> float:
-    """Fraction of predictions `(y_score >= threshold)` equal to the label."""
+    """Fraction of predictions `(y_score >= threshold)` equal to the label (multi-class: the
+    argmax class; the threshold is not used)."""
+    if is_multiclass(y_score):
+        y, p, _ = check_multiclass_inputs(y_true, y_score)
+        return float(np.mean(p.argmax(axis=1) == y))
     y, s, _ = check_inputs(y_true, y_score, threshold=threshold)
     return float(np.mean((s >= threshold) == y))
 
@@ -305,19 +332,37 @@ def disparity_ratios(
 
 
 # ------------------------------------------------------------------- named metrics (thin wrappers)
-def _present(table: GroupTable) -> np.ndarray:
+def _table(
+    y_true: object, y_score: object, groups: object, threshold: float, unknown: str
+) -> GroupTable | MultiClassTable:
+    if is_multiclass(y_score):
+        return disaggregate_multiclass(y_true, y_score, groups=groups, unknown=unknown)
+    return disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+
+
+def _binary_only(table: GroupTable | MultiClassTable, what: str) -> GroupTable:
+    if isinstance(table, MultiClassTable):
+        raise UserError(
+            f"{what} is a binary rate; for multi-class scores read the per-class (G, K) "
+            "columns of multifair.metrics.disaggregate_multiclass"
+        )
+    return table
+
+
+def _present(table: GroupTable | MultiClassTable) -> np.ndarray:
     return np.ones(len(table.codes), dtype=bool)
 
 
-def _by_group(table: GroupTable, values: np.ndarray) -> dict[int, float]:
+def _by_group(table: GroupTable | MultiClassTable, values: np.ndarray) -> dict[int, float]:
     return {int(c): float(v) for c, v in zip(table.codes, values)}
 
 
 def group_auc(
     y_true: object, y_score: object, *, groups: object, unknown: str = "drop"
 ) -> dict[int, float]:
-    """AUC within each group, keyed by group code; NaN for a single-class group."""
-    table = disaggregate(y_true, y_score, groups=groups, unknown=unknown)
+    """AUC within each group, keyed by group code; NaN for a single-class group (multi-class:
+    the macro one-vs-rest AUC, NaN for a group missing a class)."""
+    table = _table(y_true, y_score, groups, 0.5, unknown)
     return _by_group(table, table.auc)
 
 
@@ -332,7 +377,7 @@ def es_auc(
 ) -> float:
     """Equity-scaled AUC: AUC / (1 + alpha * sum_g |AUC_g - AUC|) (FairVision)."""
     _check_choice("single_class", single_class, SINGLE_CLASS_POLICIES)
-    t = disaggregate(y_true, y_score, groups=groups, unknown=unknown)
+    t = _table(y_true, y_score, groups, 0.5, unknown)
     return float(
         equity_scaled(t.overall_auc, t.auc, _present(t), alpha=alpha, single_class=single_class)
     )
@@ -348,7 +393,7 @@ def es_acc(
     unknown: str = "drop",
 ) -> float:
     """Equity-scaled accuracy: Acc / (1 + alpha * sum_g |Acc_g - Acc|) at the threshold."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    t = _table(y_true, y_score, groups, threshold, unknown)
     return float(equity_scaled(t.overall_acc, t.acc, _present(t), alpha=alpha))
 
 
@@ -360,8 +405,11 @@ def demographic_parity_difference(
     threshold: float = 0.5,
     unknown: str = "drop",
 ) -> float:
-    """max - min over groups of the selection rate mean(y_score >= threshold)."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    """max - min over groups of the selection rate mean(y_score >= threshold) (multi-class: the
+    largest such spread of mean(argmax == k) over classes k)."""
+    t = _table(y_true, y_score, groups, threshold, unknown)
+    if isinstance(t, MultiClassTable):
+        return float(multiclass_dpd(t.selection_rate, _present(t)))
     return float(spread(t.selection_rate, _present(t)))
 
 
@@ -373,9 +421,12 @@ def equalized_odds_difference(
     threshold: float = 0.5,
     unknown: str = "drop",
 ) -> float:
-    """max(TPR spread, FPR spread) over groups (fairlearn's "worst_case" aggregation)."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    """max(TPR spread, FPR spread) over groups (fairlearn's "worst_case" aggregation);
+    multi-class: the largest over classes of the one-vs-rest value (docs/metrics.md)."""
+    t = _table(y_true, y_score, groups, threshold, unknown)
     present = _present(t)
+    if isinstance(t, MultiClassTable):
+        return float(multiclass_deodds(t.tpr, t.fpr, present))
     return float(max(spread(t.tpr, present), spread(t.fpr, present)))
 
 
@@ -389,7 +440,7 @@ def between_group_disparity(
 ) -> tuple[float, float]:
     """(std(AUC_g) / AUC, (max - min)(AUC_g) / AUC), FairVision's between-group disparity."""
     _check_choice("single_class", single_class, SINGLE_CLASS_POLICIES)
-    t = disaggregate(y_true, y_score, groups=groups, unknown=unknown)
+    t = _table(y_true, y_score, groups, 0.5, unknown)
     std_ratio, range_ratio = disparity_ratios(
         t.overall_auc, t.auc, _present(t), single_class=single_class
     )
@@ -405,7 +456,7 @@ def selection_rate_by_group(
     unknown: str = "drop",
 ) -> dict[int, float]:
     """mean(y_score >= threshold) within each group."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    t = _binary_only(_table(y_true, y_score, groups, threshold, unknown), "selection_rate_by_group")
     return _by_group(t, t.selection_rate)
 
 
@@ -418,7 +469,9 @@ def true_positive_rate_by_group(
     unknown: str = "drop",
 ) -> dict[int, float]:
     """TPR within each group (0 for a group with no positives)."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    t = _binary_only(
+        _table(y_true, y_score, groups, threshold, unknown), "true_positive_rate_by_group"
+    )
     return _by_group(t, t.tpr)
 
 
@@ -431,5 +484,205 @@ def false_positive_rate_by_group(
     unknown: str = "drop",
 ) -> dict[int, float]:
     """FPR within each group (0 for a group with no negatives)."""
-    t = disaggregate(y_true, y_score, groups=groups, threshold=threshold, unknown=unknown)
+    t = _binary_only(
+        _table(y_true, y_score, groups, threshold, unknown), "false_positive_rate_by_group"
+    )
     return _by_group(t, t.fpr)
+
+
+# ------------------------------------------------------------------------------ multi-class (K > 2)
+# A multi-class prediction is a (n, K) matrix of class probabilities (rows sum to 1, e.g. a
+# softmax) and labels are class indices 0..K-1. The named metrics above accept it in place of
+# the (n,) binary score; docs/metrics.md "Multi-class labels" gives the definitions:
+# - AUC: macro one-vs-rest, mean_k AUC(y == k, P[:, k]) [sklearn roc_auc_score(multi_class="ovr",
+#   average="macro")]; undefined (NaN) when a class is absent from the samples evaluated (sklearn
+#   raises there), so a group missing a class has no AUC and follows `single_class`.
+# - accuracy: of the argmax prediction; no threshold.
+# - DPD: max over classes k of the spread across groups of mean(argmax == k).
+# - DEOdds: max over classes k of max(TPR_k spread, FPR_k spread), one-vs-rest per class;
+#   a group without samples of class k is left out of the TPR_k spread (and one with only class
+#   k out of the FPR_k spread) instead of counting 0, which would make DEOdds 1 whenever a group
+#   misses a class. With K = 2 both reduce to the binary DPD/DEOdds at threshold 0.5.
+PROB_SUM_TOL = 1e-3  # rows of a multi-class score matrix must sum to 1 within this
+
+
+def is_multiclass(y_score: object) -> bool:
+    """True when the scores are a (n, K) matrix of class probabilities."""
+    return np.ndim(y_score) == 2
+
+
+def check_multiclass_inputs(
+    y_true: object, y_score: object, groups: object | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate multi-class inputs: labels are class indices 0..K-1, y_score (n, K) finite
+    probabilities whose rows sum to 1 (within 1e-3), groups as for `check_inputs`."""
+    y_arr = np.asarray(y_true)
+    p_arr = np.asarray(y_score, dtype=np.float64)
+    if y_arr.ndim != 1 or p_arr.ndim != 2:
+        raise UserError(
+            f"multi-class: y_true must be 1-D and y_score 2-D (n, K), got shapes "
+            f"{y_arr.shape} and {p_arr.shape}"
+        )
+    if len(y_arr) != len(p_arr):
+        raise UserError(
+            f"y_true has {len(y_arr)} entries but y_score has {len(p_arr)} rows: they must "
+            "have one entry per prediction"
+        )
+    if len(y_arr) == 0:
+        raise UserError("no predictions: y_true and y_score are empty")
+    k = p_arr.shape[1]
+    if k < 2:
+        raise UserError(f"y_score has {k} column: a multi-class prediction needs one per class")
+    bad = ~np.isin(y_arr, np.arange(k))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"y_true[{i}] = {y_arr[i].item()!r}: labels must be class indices 0..{k - 1} "
+            f"(y_score has {k} columns)"
+        )
+    bad = (~np.isfinite(p_arr) | (p_arr < 0) | (p_arr > 1)).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"y_score[{i}] = {p_arr[i].tolist()}: scores must be probabilities in [0, 1]"
+        )
+    off = np.abs(p_arr.sum(axis=1) - 1.0) > PROB_SUM_TOL
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise UserError(
+            f"y_score[{i}] sums to {p_arr[i].sum():.6g}: each row must hold class "
+            "probabilities summing to 1 (e.g. a softmax)"
+        )
+    g = None if groups is None else _check_groups(groups, y_arr.shape)
+    return y_arr.astype(np.int64), p_arr, g
+
+
+def _macro_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Macro one-vs-rest AUC; NaN when a class is absent (every class needs both sides)."""
+    k = p.shape[1]
+    if (np.bincount(y, minlength=k) == 0).any():
+        return float("nan")
+    return float(np.mean([roc_auc_score(y == c, p[:, c]) for c in range(k)]))
+
+
+def class_auc_note(
+    class_counts: np.ndarray, class_names: Sequence[str] | None = None
+) -> str | None:
+    """Why a group has no macro OvR AUC (None when it has one)."""
+    missing = [c for c, count in enumerate(class_counts) if count == 0]
+    if not missing:
+        return None
+    names = [class_names[c] if class_names else str(c) for c in missing]
+    return f"no samples of class {', '.join(names)}: macro one-vs-rest AUC undefined"
+
+
+@dataclass(frozen=True)
+class MultiClassTable:
+    """`GroupTable` for multi-class predictions; per-class columns have a last axis K.
+
+    `tpr[g, k]` is NaN when group g has no sample of class k, `fpr[g, k]` NaN when it has only
+    class k; `auc` is NaN for a group missing a class."""
+
+    codes: np.ndarray  # (G,)
+    n: np.ndarray  # (G,)
+    class_counts: np.ndarray  # (G, K)
+    auc: np.ndarray  # (G,) macro OvR
+    class_auc: np.ndarray  # (G, K) one-vs-rest AUC of each class, NaN where undefined
+    acc: np.ndarray  # (G,)
+    selection_rate: np.ndarray  # (G, K) mean(argmax == k)
+    tpr: np.ndarray  # (G, K)
+    fpr: np.ndarray  # (G, K)
+    overall_auc: float
+    overall_acc: float
+    n_evaluated: int
+    dropped_unknown: int
+    unknown: str
+
+    @property
+    def n_classes(self) -> int:
+        return self.class_counts.shape[1]
+
+
+def _ovr_rates(y: np.ndarray, pred: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Per class: (count, selection rate, TPR (NaN: none of it), FPR (NaN: nothing else),
+    one-vs-rest AUC is computed by the caller)."""
+    n = len(y)
+    count = np.array([(y == c).sum() for c in range(k)], dtype=np.int64)
+    sel = np.array([(pred == c).mean() for c in range(k)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.array([((pred == c) & (y == c)).sum() / count[c] for c in range(k)])
+        fpr = np.array([((pred == c) & (y != c)).sum() / (n - count[c]) for c in range(k)])
+    tpr = np.where(count > 0, tpr, np.nan)
+    fpr = np.where(count < n, fpr, np.nan)
+    return count, sel, tpr, fpr
+
+
+def disaggregate_multiclass(
+    y_true: object, y_score: object, *, groups: object, unknown: str = "drop"
+) -> MultiClassTable:
+    """Split multi-class predictions by the groups of one attribute (codes, -1 = unknown)."""
+    _check_choice("unknown", unknown, UNKNOWN_POLICIES)
+    y, p, g = check_multiclass_inputs(y_true, y_score, groups)
+    assert g is not None
+    keep = np.ones(len(y), dtype=bool) if unknown == "keep" else g != UNKNOWN
+    dropped = int((~keep).sum())
+    y, p, g = y[keep], p[keep], g[keep]
+    if len(y) == 0:
+        raise UserError("every sample has an unknown (-1) group: nothing to evaluate")
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    codes = np.unique(g)
+    rows: dict[str, list] = {
+        key: [] for key in ("n", "cnt", "auc", "cauc", "acc", "sel", "tpr", "fpr")
+    }
+    for code in codes:
+        m = g == code
+        count, sel, tpr, fpr = _ovr_rates(y[m], pred[m], k)
+        rows["n"].append(int(m.sum()))
+        rows["cnt"].append(count)
+        rows["auc"].append(_macro_auc(y[m], p[m]))
+        rows["cauc"].append([_auc((y[m] == c).astype(np.int64), p[m, c]) for c in range(k)])
+        rows["acc"].append(float(np.mean(pred[m] == y[m])))
+        rows["sel"].append(sel)
+        rows["tpr"].append(tpr)
+        rows["fpr"].append(fpr)
+    return MultiClassTable(
+        codes=codes,
+        n=np.array(rows["n"], dtype=np.int64),
+        class_counts=np.array(rows["cnt"], dtype=np.int64),
+        auc=np.array(rows["auc"], dtype=np.float64),
+        class_auc=np.array(rows["cauc"], dtype=np.float64),
+        acc=np.array(rows["acc"]),
+        selection_rate=np.array(rows["sel"]),
+        tpr=np.array(rows["tpr"]),
+        fpr=np.array(rows["fpr"]),
+        overall_auc=_macro_auc(y, p),
+        overall_acc=float(np.mean(pred == y)),
+        n_evaluated=len(y),
+        dropped_unknown=dropped,
+        unknown=unknown,
+    )
+
+
+def _max_over_classes(per_class: np.ndarray) -> np.ndarray:
+    """nanmax over the class axis (last); NaN where every class is NaN."""
+    valid = ~np.isnan(per_class)
+    out = np.where(valid, per_class, -np.inf).max(axis=-1)
+    return np.where(valid.any(axis=-1), out, np.nan)
+
+
+def multiclass_dpd(selection_rate: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """max_k spread over groups of the class-k selection rate. selection_rate (..., G, K),
+    present (..., G) -> (...)."""
+    per_class = spread(np.swapaxes(selection_rate, -1, -2), present[..., None, :])  # (..., K)
+    return _max_over_classes(per_class)
+
+
+def multiclass_deodds(tpr: np.ndarray, fpr: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """max_k max(TPR_k spread, FPR_k spread) over the groups where each is defined.
+    tpr, fpr (..., G, K) with NaN where undefined, present (..., G) -> (...)."""
+    t, f = np.swapaxes(tpr, -1, -2), np.swapaxes(fpr, -1, -2)  # (..., K, G)
+    ok_t = present[..., None, :] & ~np.isnan(t)
+    ok_f = present[..., None, :] & ~np.isnan(f)
+    per_class = np.fmax(spread(t, ok_t), spread(f, ok_f))  # (..., K), NaN only if both are
+    return _max_over_classes(per_class)

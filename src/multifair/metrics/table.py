@@ -39,7 +39,13 @@ def policy_lines(summary: Mapping[str, Any]) -> list[str]:
         "policy: " + _UNKNOWN_TEXT.get(policy["unknown"], f"unknown={policy['unknown']}"),
         "policy: "
         + _SINGLE_CLASS_TEXT.get(policy["single_class"], f"single_class={policy['single_class']}"),
-        "policy: a group with no positives has TPR 0; one with no negatives has FPR 0 (fairlearn)",
+        (
+            "policy: DPD and DEOdds are the largest over classes of the one-vs-rest value; a "
+            "group without a class is left out of that class's TPR spread"
+            if "classes" in summary
+            else "policy: a group with no positives has TPR 0; one with no negatives has FPR 0 "
+            "(fairlearn)"
+        ),
         *(
             [
                 f"policy: a group with n < {policy['min_group_size']} in this split is flagged "
@@ -69,10 +75,15 @@ def format_table(summary: Mapping[str, Any]) -> str:
     their CIs, and every edge case met (unknowns dropped, groups without an AUC)."""
     attrs = summary["attributes"]
     first_ci = next((a["ci"] for a in attrs.values() if "ci" in a), None)
-    head = (
-        f"{summary['n']} predictions, {summary['positives']} positives, "
-        f"decision threshold {summary['threshold']:g}"
-    )
+    multiclass = "classes" in summary
+    if multiclass:  # counts per class; the argmax decides (docs/metrics.md, multi-class)
+        counts = ", ".join(f"{c} {v}" for c, v in summary["class_counts"].items())
+        head = f"{summary['n']} predictions ({counts}), argmax decision, macro one-vs-rest AUC"
+    else:
+        head = (
+            f"{summary['n']} predictions, {summary['positives']} positives, "
+            f"decision threshold {summary['threshold']:g}"
+        )
     if first_ci is not None:
         head += (
             f"; {100 * first_ci['level']:g}% percentile bootstrap CIs "
@@ -100,11 +111,25 @@ def format_table(summary: Mapping[str, Any]) -> str:
         auc_head = f"AUC [{100 * ci['level']:g}% CI]" if ci else "AUC"
         flag = any("small" in g for g in groups)  # a column only when sizes were judged
         rows = [["group", "n", "positives", auc_head, "ACC", "sel.rate", "TPR", "FPR"]]
+        if multiclass:  # per-class rates stay in the JSON (selection_rate/tpr/fpr per class)
+            rows = [["group", "n", "per class", auc_head, "ACC"]]
         rows[0] += ["size"] if flag else []
         for g in groups:
             auc = _with_ci(g["auc"], ci["group_auc"].get(g["name"]) if ci else None)
             if g["auc"] is None:
-                auc = "undefined (single class)"
+                auc = "undefined (missing class)" if multiclass else "undefined (single class)"
+            if multiclass:
+                rows.append(
+                    [
+                        g["name"],
+                        str(g["n"]),
+                        "/".join(str(v) for v in g["class_counts"].values()),
+                        auc,
+                        _f(g["acc"]),
+                        *((["small"] if g.get("small") else [""]) if flag else []),
+                    ]
+                )
+                continue
             rows.append(
                 [
                     g["name"],
@@ -138,6 +163,8 @@ def format_table(summary: Mapping[str, Any]) -> str:
                 else "so ES-AUC and the disparity ratios are undefined (single_class=propagate)"
             )
             out.append(f"  note: {g['name']}: {g['auc_note']}; {effect}")
+            if multiclass:
+                continue
             if g["positives"] == 0:
                 out.append(f"  note: {g['name']}: no positives, so its TPR is 0 in DEOdds")
             elif g["positives"] == g["n"]:
