@@ -137,6 +137,18 @@ class DataBundle:
         )
 
     @property
+    def classes(self) -> list[str] | None:
+        """The class names of a multi-class label (`data.classes`, in logit order); None: binary."""
+        spec = self.config.class_spec()
+        return None if spec is None else list(spec.names)
+
+    @property
+    def n_classes(self) -> int:
+        """Logits the model needs: 2 for a binary label, K for a K-class one."""
+        classes = self.classes
+        return 2 if classes is None else len(classes)
+
+    @property
     def n_groups(self) -> int:
         """Number of groups of the training attribute (codes 0..n_groups-1)."""
         return len(self.group_names[self.train_attribute])

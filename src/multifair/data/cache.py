@@ -62,6 +62,9 @@ def cache_settings(cfg: DataConfig) -> dict[str, Any]:
     }
     if cfg.kind == "fairvision":
         settings["disease"] = cfg.disease
+    spec = cfg.class_spec()
+    if spec is not None:  # multi-class labels are cached as class indices (binary: no key)
+        settings["classes"] = spec.model_dump()
     if cfg.kind == "fairvlmed":
         settings.update(note=cfg.note, note_from=cfg.note_from, lowercase_note=cfg.lowercase_note)
     return settings

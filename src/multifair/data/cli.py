@@ -64,6 +64,12 @@ def add_parser(subparsers: Any) -> None:
     )
     synth.add_argument("--pos-rate", type=float, help="share of positives (default 0.5)")
     synth.add_argument(
+        "--classes",
+        dest="n_classes",
+        type=int,
+        help="K > 2: a K-class (ordered stage) label instead of 0/1 (default 2)",
+    )
+    synth.add_argument(
         "--signal",
         action="append",
         default=[],
@@ -164,6 +170,7 @@ def _synth(args: argparse.Namespace) -> int:
         "n",
         "group_mix",
         "pos_rate",
+        "n_classes",
         "unknown_rate",
         "race_unknown_rate",
         "degenerate",

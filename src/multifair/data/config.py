@@ -61,6 +61,100 @@ class AttributeColumn(_Strict):
 
 CLIP_QUANTILES: tuple[float, float] = (0.005, 0.995)
 
+# Multi-class labels (`data.classes`). The FairVision AMD and DR npz files hold a string
+# (`amd_condition`, `dr_subtype`) naming a finer diagnosis; these presets group those values
+# into ordered stages. Raw values as in Harvard-FairVision30k (not.in.icd.table means no ICD
+# code for the disease was found: counted with "no disease").
+CLASS_PRESETS: dict[str, dict[str, list[str]]] = {
+    "fairvision_amd": {
+        "normal": ["not.in.icd.table", "no.amd.diagnosis"],
+        "early": ["early.dry"],
+        "intermediate": ["intermediate.dry"],
+        "late": [
+            "advanced.atrophic.dry.with.subfoveal.involvement",
+            "advanced.atrophic.dry.without.subfoveal.involvement",
+            "wet.amd.active.choroidal.neovascularization",
+            "wet.amd.inactive.choroidal.neovascularization",
+            "wet.amd.inactive.scar",
+        ],
+    },
+    "fairvision_dr": {
+        "no_dr": ["not.in.icd.table", "no.dr.diagnosis"],
+        "non_vision_threatening": ["mild.npdr", "moderate.npdr"],
+        "vision_threatening": ["severe.npdr", "pdr"],
+    },
+}
+# label_key -> the preset used when `classes` is not given (fairvision)
+DEFAULT_CLASSES: dict[str, str] = {"amd_condition": "fairvision_amd", "dr_subtype": "fairvision_dr"}
+
+
+def class_key(raw: Any) -> str:
+    """How a raw label value is matched against `data.classes`: trimmed, case-insensitive,
+    integral numbers as integers (2, 2.0 and "2" are the same class)."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, bool):
+        return str(int(raw))
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        value = float(raw)
+        return str(int(value)) if value.is_integer() else repr(value)
+    if hasattr(raw, "item") and not isinstance(raw, str):  # numpy scalar
+        return class_key(raw.item())
+    return str(raw).strip().lower()
+
+
+class ClassSpec(_Strict):
+    """The classes of a multi-class label, in order (class k is logit k), and the raw values
+    that belong to each."""
+
+    names: list[str]
+    values: dict[str, list[str]]  # class name -> raw keys (`class_key`)
+
+    def lookup(self) -> dict[str, int]:
+        return {v: k for k, name in enumerate(self.names) for v in self.values[name]}
+
+    def index(self, raw: Any, where: str) -> int:
+        """The class index of a raw label value; an unknown value raises ValueError naming it."""
+        key = class_key(raw)
+        found = self.lookup().get(key)
+        if found is None:
+            known = [v for name in self.names for v in self.values[name]]
+            raise ValueError(f"{where}: label {raw!r} is not one of data.classes {known}")
+        return found
+
+
+def make_class_spec(classes: list[Any] | dict[str, Any] | str) -> ClassSpec:
+    """`data.classes` -> ClassSpec: a list (each value its own class, named as written), a
+    mapping class name -> raw value or list of raw values, or a preset name."""
+    if isinstance(classes, str):
+        if classes not in CLASS_PRESETS:
+            raise ValueError(
+                f"classes: {classes!r} is not a preset ({sorted(CLASS_PRESETS)}); give a list or "
+                "a mapping class -> raw values"
+            )
+        classes = CLASS_PRESETS[classes]  # type: ignore[assignment]
+    if isinstance(classes, list):
+        mapping = {str(c): [c] for c in classes}
+    else:
+        mapping = {
+            str(name): (list(raw) if isinstance(raw, (list, tuple)) else [raw])
+            for name, raw in classes.items()
+        }
+    if len(mapping) < 2:
+        raise ValueError(f"classes: give at least two classes, got {list(mapping)}")
+    values = {name: [class_key(v) for v in raw] for name, raw in mapping.items()}
+    seen: dict[str, str] = {}
+    for name, keys in values.items():
+        if not keys:
+            raise ValueError(f"classes: class {name!r} has no values")
+        for key in keys:
+            if key in seen and seen[key] != name:
+                raise ValueError(f"classes: value {key!r} is in both {seen[key]!r} and {name!r}")
+            seen[key] = name
+    if len(set(n.lower() for n in mapping)) != len(mapping):
+        raise ValueError(f"classes: two class names differ only by case: {list(mapping)}")
+    return ClassSpec(names=list(mapping), values=values)
+
 
 class ColumnTransform(_Strict):
     """A per-column transform of a numeric table column, fitted on the training rows.
@@ -220,6 +314,10 @@ class DataConfig(_Strict):
     skip_bad: bool = False  # skip (count and report) unreadable/invalid files instead of failing
     # -- fairvision / fairvlmed -------------------------------------------------------------
     label_key: str = "glaucoma"
+    # multi-class labels (any kind): a list of values (class k = the k-th), a mapping class ->
+    # raw value(s), or a preset (fairvision_amd, fairvision_dr). None: binary 0/1 labels, except
+    # fairvision label_key amd_condition / dr_subtype, which default to their preset.
+    classes: list[str | int] | dict[str, str | int | list[str | int]] | str | None = None
     disease: str = "Glaucoma"  # fairvision: the disease folder under ROOT
     note: Literal["original", "summary"] = "original"  # fairvlmed: clinical note or GPT-4 summary
     note_from: Literal["npz", "csv"] = "npz"  # fairvlmed: where the original note is read
@@ -285,7 +383,23 @@ class DataConfig(_Strict):
                 raise ValueError("kind table needs `columns` (modality name -> its columns)")
         if self.attributes is not None and not self.attributes:
             raise ValueError("attributes: give at least one attribute, or leave it out for all")
+        if self.classes is not None:
+            make_class_spec(self.classes)  # a bad list/mapping/preset fails at load time
+            if isinstance(self.label, LabelSpec) and (
+                self.label.rule is not None or self.label.positive is not None
+            ):
+                raise ValueError(
+                    "label.rule / label.positive make a binary label; drop them "
+                    "when `classes` is given (multi-class)"
+                )
         return self
+
+    def class_spec(self) -> ClassSpec | None:
+        """The multi-class label's classes, or None for a binary (0/1) label."""
+        classes = self.classes
+        if classes is None and self.kind != "table":
+            classes = DEFAULT_CLASSES.get(self.label_key)
+        return None if classes is None else make_class_spec(classes)
 
     def sentinel_columns(self) -> list[str]:
         """The table columns `missing_values` applies to: tabular features and attributes."""

@@ -32,7 +32,7 @@ from multifair.data.bundle import (
     batch_tensor,
 )
 from multifair.data.cache import find_cache
-from multifair.data.config import DataConfig
+from multifair.data.config import ClassSpec, DataConfig
 from multifair.data.formats import (
     ATTRIBUTE_KEYS,
     ATTRIBUTES,
@@ -134,6 +134,15 @@ def _check_header(modality_kind: str, shape: tuple[int, ...], dtype: np.dtype) -
     return None
 
 
+def _label(raw: Any, key: str, classes: ClassSpec | None) -> int:
+    if classes is None:
+        return label_value(raw, key)
+    try:
+        return classes.index(raw, key)
+    except ValueError as exc:
+        raise BadValue(key, str(exc).split(": ", 1)[1]) from None
+
+
 def scan_file(
     path: Path,
     fmt: SubjectFormat,
@@ -141,12 +150,14 @@ def scan_file(
     attributes: Sequence[str],
     modalities: Sequence[str],
     read_note: bool,
+    classes: ClassSpec | None = None,
 ) -> dict[str, Any]:
-    """Read one subject's scalars and array headers. Raises `BadFile` naming file/key/value."""
+    """Read one subject's scalars and array headers. Raises `BadFile` naming file/key/value.
+    With `classes` the label is a class index (multi-class), else 0/1."""
     with NpzReader(path) as z:
         z.require(label_key)
         try:
-            out: dict[str, Any] = {"label": label_value(z.scalar(label_key), label_key)}
+            out: dict[str, Any] = {"label": _label(z.scalar(label_key), label_key, classes)}
             codes = {}
             for attribute in attributes:
                 key = z.first_key(ATTRIBUTE_KEYS[attribute])
@@ -201,13 +212,14 @@ def scan_split(
     """Scan a split's files into `Records`; bad files raise or are collected in `problems`."""
     text = [m for m in modalities if fmt.modalities[m][0] == "text"]
     read_note = bool(text) and cfg.note_from == "npz" and fmt.kind == "fairvlmed"
+    classes = cfg.class_spec()
     ids, paths, labels, ages_out, notes = [], [], [], [], []
     codes: dict[str, list[int]] = {a: [] for a in attributes}
     stored: dict[str, tuple[list[int], str]] = {}
     show = len(files) >= 2000 and log.isEnabledFor(logging.INFO)
     for path in tqdm(files, desc=desc, disable=not bars_enabled(show), leave=False):
         try:
-            info = scan_file(path, fmt, cfg.label_key, attributes, modalities, read_note)
+            info = scan_file(path, fmt, cfg.label_key, attributes, modalities, read_note, classes)
         except BadFile as exc:
             problems.add(exc)
             continue

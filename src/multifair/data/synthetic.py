@@ -18,6 +18,12 @@ in a form that is easy or hard for a network:
   spatial correlation); notes list findings whose direction words ("increased", "reduced")
   are bad or good depending on the finding (an XOR of finding and direction); table "B" has
   column triples whose product's sign follows s_m (a 3-way XOR of signs).
+Multi-class (`n_classes` K > 2): y is an ordered stage 0..K-1 drawn uniformly, and
+    s_m = (y - (K - 1) / 2) * d[m][g] + N(0, 1)
+(for K = 2 this is the binary formula), so d' separates ADJACENT stages. The table writes the
+stage names of `CLASS_NAMES` in a `stage` column; FairVision writes AMD-style raw strings in
+`amd_condition` (K = 4, the `fairvision_amd` preset) or the class names (other K). The best
+achievable AUC is then the macro one-vs-rest AUC of the Bayes posterior given the latents.
 Scenarios: `main` (easy modality strong for the majority, weak for minorities; hard modality
 moderate for all), `neutral` (no group effect), `minority_pattern` (minorities' easy-modality
 signal in a different place than the majority's).
@@ -105,6 +111,7 @@ class SynthKnobs(BaseModel):
     oct_region: Literal["band", "slice"] = "band"  # where the OCT texture carries the signal
     oct_tilt: float = Field(0.45, gt=0, le=0.78)  # max texture tilt (radians) away from 45 deg
     fundus_shape: list[int] | None = None  # (H, W)
+    n_classes: int = Field(2, ge=2, le=6)  # > 2: a multi-class (ordered stage) label
     oct_shape: list[int] | None = None  # (D, H, W)
 
     @model_validator(mode="after")
@@ -166,7 +173,10 @@ def draw_population(k: SynthKnobs, n: int, rng: np.random.Generator) -> dict[str
     )
     marital = rng.choice(5, size=n, p=[0.55, 0.2, 0.12, 0.1, 0.03])
     age = np.clip(rng.normal(62, 12, size=n), 20, 95).round(1)
-    label = (rng.random(n) < k.pos_rate).astype(np.int64)
+    if k.n_classes == 2:
+        label = (rng.random(n) < k.pos_rate).astype(np.int64)
+    else:
+        label = rng.integers(0, k.n_classes, size=n).astype(np.int64)
     attrs = {
         "race": race,
         "gender": gender,
@@ -183,7 +193,7 @@ def draw_population(k: SynthKnobs, n: int, rng: np.random.Generator) -> dict[str
     # split stratified by (label, race) so small val/test splits keep every group's balance
     fractions = k.split or SPLIT_FRACTIONS[k.flavour]
     split = np.empty(n, dtype=object)
-    for stratum in range(6):
+    for stratum in range(3 * k.n_classes):
         rows = np.flatnonzero(label * 3 + race == stratum)
         rows = rows[rng.permutation(len(rows))]
         cuts = np.round(np.cumsum(fractions) * len(rows)).astype(int)
@@ -192,7 +202,10 @@ def draw_population(k: SynthKnobs, n: int, rng: np.random.Generator) -> dict[str
         split[rows[cuts[1] :]] = "test"
     latents = {}
     for m, d in k.strengths().items():
-        latents[m] = (2 * label - 1) * d[race] / 2 + rng.standard_normal(n)
+        if k.n_classes == 2:
+            latents[m] = (2 * label - 1) * d[race] / 2 + rng.standard_normal(n)
+        else:
+            latents[m] = (label - (k.n_classes - 1) / 2) * d[race] + rng.standard_normal(n)
     return {
         "label": label,
         "attrs": attrs,
@@ -204,9 +217,62 @@ def draw_population(k: SynthKnobs, n: int, rng: np.random.Generator) -> dict[str
     }
 
 
+# class names of a K-class synthetic label (table `stage` column, FairVision for K != 4)
+CLASS_NAMES: dict[int, list[str]] = {
+    3: ["none", "moderate", "severe"],
+    4: ["normal", "early", "intermediate", "late"],
+    5: ["s0", "s1", "s2", "s3", "s4"],
+    6: ["s0", "s1", "s2", "s3", "s4", "s5"],
+}
+
+
+def posterior(
+    latents: dict[str, np.ndarray], strengths: dict[str, np.ndarray], race: np.ndarray, k: int
+) -> np.ndarray:
+    """(n, K) Bayes posterior of the stage given the latents of the modalities in `latents`
+    (independent given y; uniform prior): the best any model can score multi-class."""
+    mu = np.arange(k) - (k - 1) / 2  # (K,)
+    loglik = np.zeros((len(race), k))
+    for m, s in latents.items():
+        loglik += -0.5 * (s[:, None] - mu[None, :] * strengths[m][race][:, None]) ** 2
+    loglik -= loglik.max(axis=1, keepdims=True)
+    p = np.exp(loglik)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _best_macro_table(k: SynthKnobs, pop: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    """`best_auc_table` for K > 2: macro one-vs-rest AUC of the posterior, per race group."""
+    from sklearn.metrics import roc_auc_score
+
+    strengths = k.strengths()
+    race = pop["race_true"][rows]
+    y = pop["label"][rows]
+    lat = {m: pop["latents"][m][rows] for m in strengths}
+
+    def macro(sel: np.ndarray, mods: Sequence[str]) -> float | None:
+        if sel.sum() == 0 or len(np.unique(y[sel])) < k.n_classes:
+            return None
+        p = posterior({m: lat[m][sel] for m in mods}, strengths, race[sel], k.n_classes)
+        return round(float(roc_auc_score(y[sel], p, multi_class="ovr")), 4)
+
+    out: dict[str, Any] = {}
+    for code, name in GROUP_NAMES["race"].items():
+        sel = race == code
+        entry: dict[str, Any] = {"n": int(sel.sum())}
+        for m in strengths:
+            entry[m] = macro(sel, [m])
+        entry["joint"] = macro(sel, list(strengths))
+        out[name] = entry
+    out["overall_joint"] = macro(np.ones(len(rows), dtype=bool), list(strengths))
+    return out
+
+
 def best_auc_table(k: SynthKnobs, pop: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     """Best achievable AUC per race group from the latents: theory (Phi) and on these samples."""
     from sklearn.metrics import roc_auc_score
+
+    if k.n_classes > 2:
+        return _best_macro_table(k, pop, rows)
 
     strengths = k.strengths()
     race = pop["race_true"][rows]
@@ -473,6 +539,11 @@ def _auc_by_group(y: np.ndarray, score: np.ndarray, race: np.ndarray) -> dict[st
     out: dict[str, float | None] = {}
     for code, name in GROUP_NAMES["race"].items():
         sel = race == code
+        if y.max(initial=0) > 1:  # multi-class: the observer's AUC of the top stage vs the rest
+            y_top = (y == y.max()).astype(np.int64)
+            ok = sel.sum() > 0 and 0 < y_top[sel].sum() < sel.sum()
+            out[name] = round(float(roc_auc_score(y_top[sel], score[sel])), 4) if ok else None
+            continue
         ok = sel.sum() > 0 and 0 < y[sel].sum() < sel.sum()
         out[name] = round(float(roc_auc_score(y[sel], score[sel])), 4) if ok else None
     return out
@@ -603,7 +674,7 @@ def _write_fairvision(
             k.compress,
             slo_fundus=_fundus_dtype(fundus, k.fundus_dtype),
             oct_bscans=volume,
-            glaucoma=np.array(int(pop["label"][i])),
+            **_label_keys(k, int(pop["label"][i]), r),
             race=_race_value(int(pop["race_obs"][i]), k.race_codes == "legacy"),
             male=np.array(int(attrs["gender"][i])),
             hispanic=np.array(int(attrs["ethnicity"][i])),
@@ -616,7 +687,11 @@ def _write_fairvision(
             {
                 "filename": f"{ids[i]}.npz",
                 "use": {"train": "training", "val": "validation", "test": "test"}[split],
-                "glaucoma": "yes" if pop["label"][i] else "no",
+                **(
+                    {"glaucoma": "yes" if pop["label"][i] else "no"}
+                    if k.n_classes == 2
+                    else {"amd_condition": raw_class_values(k.n_classes)[pop["label"][i]][0]}
+                ),
                 "age": pop["age"][i],
                 "gender": _csv_name(int(attrs["gender"][i]), "gender"),
                 "race": _csv_name(int(pop["race_obs"][i]), "race"),
@@ -628,6 +703,23 @@ def _write_fairvision(
         )
     _write_csv(csv_dir / "data_summary_glaucoma.csv", rows, k.csv_bom)
     return stats
+
+
+def raw_class_values(n_classes: int) -> list[list[str]]:
+    """The raw label strings the FairVision writer uses per class (AMD-style for K = 4)."""
+    if n_classes == 4:
+        from multifair.data.config import CLASS_PRESETS
+
+        return list(CLASS_PRESETS["fairvision_amd"].values())
+    return [[name] for name in CLASS_NAMES[n_classes]]
+
+
+def _label_keys(k: SynthKnobs, y: int, r: np.random.Generator) -> dict[str, np.ndarray]:
+    """The npz label: `glaucoma` 0/1, or (K > 2) an `amd_condition` string of stage y."""
+    if k.n_classes == 2:
+        return {"glaucoma": np.array(y)}
+    values = raw_class_values(k.n_classes)[y]
+    return {"amd_condition": np.array(values[int(r.integers(len(values)))])}
 
 
 def _write_jpg(path: Path, img: np.ndarray) -> None:
@@ -735,7 +827,10 @@ def _write_table(
     frame["use"] = [
         {"train": "training", "val": "validation", "test": "test"}[s] for s in pop["split"]
     ]
-    frame["glaucoma"] = np.where(pop["label"] == 1, "yes", "no")
+    if k.n_classes == 2:
+        frame["glaucoma"] = np.where(pop["label"] == 1, "yes", "no")
+    else:  # an ordered stage, written by name
+        frame["stage"] = np.asarray(CLASS_NAMES[k.n_classes])[pop["label"]]
     frame["race"] = [GROUP_NAMES["race"][c] if c >= 0 else "" for c in pop["race_obs"]]
     frame["sex"] = np.where(pop["attrs"]["gender"] == 1, "M", "F")
     frame["age"] = pop["age"]
@@ -754,7 +849,8 @@ def _write_table(
         "data": {
             "kind": "table",
             "path": str(csv.resolve()),
-            "label": {"column": "glaucoma"},
+            "label": {"column": "glaucoma" if k.n_classes == 2 else "stage"},
+            **({} if k.n_classes == 2 else {"classes": CLASS_NAMES[k.n_classes]}),
             "attribute": "race",
             "attributes": ["race", "sex", "age"],
             "attribute_columns": {

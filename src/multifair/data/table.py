@@ -41,6 +41,7 @@ from multifair.data.bundle import DataBundle, ModalitySpec, check_state, state_g
 from multifair.data.config import (
     SPLITS,
     AttributeColumn,
+    ClassSpec,
     ColumnTransform,
     DataConfig,
     LabelSpec,
@@ -179,8 +180,11 @@ def describe_sentinel(count: Mapping[str, Any]) -> str:
 
 
 # ---- label -------------------------------------------------------------------------------------
-def _labels(frame: pd.DataFrame, spec: LabelSpec, source: str) -> tuple[np.ndarray, list[str]]:
-    """(N,) int64 labels; -2 marks a bad cell (its message is in the list, aligned)."""
+def _labels(
+    frame: pd.DataFrame, spec: LabelSpec, source: str, classes: ClassSpec | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """(N,) int64 labels (0/1, or class indices with `classes`); -2 marks a bad cell (its
+    message is in the list, aligned)."""
     values = frame[spec.column].tolist()
     out = np.full(len(values), -2, dtype=np.int64)
     errors = [""] * len(values)
@@ -202,7 +206,12 @@ def _labels(frame: pd.DataFrame, spec: LabelSpec, source: str) -> tuple[np.ndarr
         try:
             if key is None:
                 raise BadValue(where, "label is missing (NaN/empty)")
-            if rule is not None:
+            if classes is not None:  # multi-class: the class index
+                try:
+                    out[i] = classes.index(value, where)
+                except ValueError as exc:
+                    raise BadValue(where, str(exc).split(": ", 1)[1]) from None
+            elif rule is not None:
                 try:
                     x = float(value)
                 except (TypeError, ValueError):
@@ -869,7 +878,7 @@ def build(
                 row_errors[i] = e
 
     if has_label:
-        labels, errs = _labels(frame, label_spec, source)
+        labels, errs = _labels(frame, label_spec, source, cfg.class_spec())
         merge(errs)
     else:  # predicting on new, unlabelled data with a saved state
         labels = np.full(len(frame), -1, dtype=np.int64)

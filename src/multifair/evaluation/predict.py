@@ -75,7 +75,9 @@ def load_run(
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     dev = resolve_device(device)
     specs = {m: data.modalities[m] for m in modalities}
-    model = build_model(cfg.model, specs, dataset_modalities=list(data.modalities)).to(dev)
+    model = build_model(
+        cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
+    ).to(dev)
     method = build_method(cfg.method.name, params, modalities, data.n_groups)
     method.setup(model)
     method.to(dev)
@@ -103,6 +105,7 @@ def _predict_split(loaded: Any, split: str) -> Any:
         to_device=loaded.data.to_device,
         env=env,
         amp_dtype=resolve_amp(tc.amp, loaded.device),
+        classes=loaded.data.classes,
     )
 
 

@@ -97,9 +97,11 @@ class Predictions:
     index: np.ndarray  # (N,) int64 position in the dataset
     sample_id: list[str]
     label: np.ndarray  # (N,) int64 (-1 when the data has no label)
-    score: np.ndarray  # (N,) float64 probability of the positive class
+    # (N,) float64 probability of the positive class; multi-class: (N, K) class probabilities
+    score: np.ndarray
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 codes, -1 unknown
     aux_scores: dict[str, np.ndarray] = field(default_factory=dict)  # per-modality aux heads
+    classes: list[str] | None = None  # multi-class: the class names, in column order
 
     def __len__(self) -> int:
         return len(self.index)
@@ -114,8 +116,10 @@ def predict(
     to_device: Callable[..., Mapping[str, Any]],
     env: DistEnv = CPU,
     amp_dtype: torch.dtype | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Predictions:
-    """Positive-class probabilities of the fused head (and of each auxiliary head) for a split."""
+    """Positive-class probabilities of the fused head (and of each auxiliary head) for a split;
+    with more than two logits, every class's probability (`classes` names them)."""
     model.eval()
     method.eval()
     device = env.device
@@ -131,9 +135,9 @@ def predict(
         batch = to_device(raw, device, train=False)
         with amp:
             out = method.forward(model, batch)
-        parts["score"].append(torch.softmax(out.logits.float(), dim=1)[:, 1].cpu().numpy())
+        parts["score"].append(_probabilities(out.logits))
         for m, u in out.aux_logits.items():
-            aux.setdefault(m, []).append(torch.softmax(u.float(), dim=1)[:, 1].cpu().numpy())
+            aux.setdefault(m, []).append(_probabilities(u))
         n = out.logits.shape[0]
         parts["index"].append(_numpy(raw.get("index"), n, default=-1))
         parts["label"].append(_numpy(raw.get("label"), n, default=-1))
@@ -160,7 +164,14 @@ def predict(
         score=local["score"][order],
         attributes={k: v[order] for k, v in local["attributes"].items()},
         aux_scores={k: v[order] for k, v in local["aux"].items()},
+        classes=None if classes is None else list(classes),
     )
+
+
+def _probabilities(logits: torch.Tensor) -> np.ndarray:
+    """Two logits: the positive-class probability (N,), as always; K > 2: softmax (N, K)."""
+    prob = torch.softmax(logits.float(), dim=1)
+    return (prob[:, 1] if prob.shape[1] == 2 else prob).cpu().numpy()
 
 
 def _numpy(x: Any, n: int, default: int) -> np.ndarray:
@@ -249,6 +260,7 @@ def evaluate_predictions(
         n_boot=n_boot,
         seed=seed,
         min_group_size=min_group_size,
+        class_names=class_names(preds) if preds.score.ndim == 2 else None,
     )
 
 
@@ -279,19 +291,39 @@ def val_record(
 AUX_SCORE_PREFIX = "aux_score_"  # + modality: that modality's auxiliary head in predictions CSVs
 
 
+SCORE_PREFIX = "score_"  # + class name: multi-class probability columns, in class order
+
+
+def class_names(preds: Predictions) -> list[str]:
+    """The class names of multi-class predictions ("0".."K-1" when none were given)."""
+    k = preds.score.shape[1]
+    names = preds.classes or [str(c) for c in range(k)]
+    if len(names) != k:
+        raise UserError(f"{len(names)} class names for {k} score columns")
+    return list(names)
+
+
 def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, Any]):
     """`sample_id, split, label, score, <attribute>, <attribute>_name, ..., aux_score_<modality>,
     ...` (one row per sample). The auxiliary heads' scores are what `multifair diagnose`
-    compares with single-modality models, patient by patient."""
+    compares with single-modality models, patient by patient.
+
+    Multi-class: `label` is the class index, `label_name` its name, `pred` the argmax class
+    index, then `score_<class>` per class (in class order) instead of `score`, and
+    `aux_score_<modality>_<class>` per auxiliary head and class."""
     import pandas as pd
 
     names = names_map(group_names)
-    cols: dict[str, Any] = {
-        "sample_id": preds.sample_id,
-        "split": split,
-        "label": preds.label,
-        "score": preds.score,
-    }
+    cols: dict[str, Any] = {"sample_id": preds.sample_id, "split": split, "label": preds.label}
+    multiclass = preds.score.ndim == 2
+    if multiclass:
+        classes = class_names(preds)
+        cols["label_name"] = [classes[y] if 0 <= y < len(classes) else "" for y in preds.label]
+        cols["pred"] = preds.score.argmax(axis=1)
+        for k, c in enumerate(classes):
+            cols[f"{SCORE_PREFIX}{c}"] = preds.score[:, k]
+    else:
+        cols["score"] = preds.score
     for attribute, codes in preds.attributes.items():
         cols[attribute] = codes
         lookup = names.get(attribute, {})
@@ -299,8 +331,26 @@ def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, 
             "unknown" if c < 0 else lookup.get(int(c), str(int(c))) for c in codes
         ]
     for modality, scores in preds.aux_scores.items():
-        cols[f"{AUX_SCORE_PREFIX}{modality}"] = scores
+        if multiclass:
+            for k, c in enumerate(classes):
+                cols[f"{AUX_SCORE_PREFIX}{modality}_{c}"] = scores[:, k]
+        else:
+            cols[f"{AUX_SCORE_PREFIX}{modality}"] = scores
     return pd.DataFrame(cols)
+
+
+def frame_scores(frame: Any, source: str = "predictions") -> tuple[np.ndarray, list[str] | None]:
+    """The scores of a predictions frame: `score` (N,) for binary, or the `score_<class>`
+    columns (N, K) with their class names for multi-class."""
+    if "score" in frame.columns:
+        return frame["score"].to_numpy(dtype=np.float64), None
+    cols = [c for c in frame.columns if str(c).startswith(SCORE_PREFIX)]
+    if len(cols) < 2:
+        raise UserError(
+            f"{source}: no `score` column (binary) and fewer than two `{SCORE_PREFIX}<class>` "
+            "columns (multi-class)"
+        )
+    return frame[cols].to_numpy(dtype=np.float64), [c[len(SCORE_PREFIX) :] for c in cols]
 
 
 def write_predictions(

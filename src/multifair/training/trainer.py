@@ -372,7 +372,9 @@ def _train(
     method_cls = METHODS.get(cfg.method.name)
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     specs = {m: data.modalities[m] for m in modalities}
-    model = build_model(cfg.model, specs, dataset_modalities=list(data.modalities)).to(device)
+    model = build_model(
+        cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
+    ).to(device)
     method = build_method(cfg.method.name, params, modalities, n_groups)
     method.setup(model)  # parameters whose shapes depend on the model (FIN)
     method.to(device)
@@ -592,7 +594,13 @@ def _train(
             # ---- validate, select, checkpoint ----
             distributed.broadcast_state(model, env)  # BatchNorm statistics of rank 0 everywhere
             val_preds = predict(
-                model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
+                model,
+                method,
+                val_loader,
+                to_device=to_device,
+                env=env,
+                amp_dtype=amp_dtype,
+                classes=data.classes,
             )
             val = evaluate_predictions(val_preds, data.group_names, attribute)
             val_groups = val_preds.attributes.get(attribute)  # aligned with the predictions
@@ -661,7 +669,13 @@ def _train(
         posthoc: dict[str, Any] = {}
         if method.fits_after_selection:
             val_preds = predict(
-                model, method, val_loader, to_device=to_device, env=env, amp_dtype=amp_dtype
+                model,
+                method,
+                val_loader,
+                to_device=to_device,
+                env=env,
+                amp_dtype=amp_dtype,
+                classes=data.classes,
             )
             train_preds = (
                 predict(
@@ -671,6 +685,7 @@ def _train(
                     to_device=to_device,
                     env=env,
                     amp_dtype=amp_dtype,
+                    classes=data.classes,
                 )
                 if method.fits_on_train
                 else None
@@ -697,6 +712,7 @@ def _train(
                 to_device=to_device,
                 env=env,
                 amp_dtype=amp_dtype,
+                classes=data.classes,
             )
             if split in ("val", "test"):
                 n_boot = cfg.output.n_boot if split == "test" else 0
