@@ -4,7 +4,8 @@
     multifair audit --demo
 
 Reads a CSV with one row per prediction (a label in {0, 1}, a probability score, one column per
-attribute holding group names or integer codes), prints the metrics table, and writes
+attribute holding group names or integer codes; multi-class: no `score` column but one
+`score_<class>` column per class, labels as class indices or names), prints the metrics table, and writes
 DIR/metrics.json (the `summarize` schema) and DIR/report.html (self-contained: the table and
 per-group ROC curves as embedded PNGs). Every input mistake is one `UserError` line.
 """
@@ -37,6 +38,10 @@ from multifair.metrics import (
 )
 
 __all__ = ["Predictions", "add_parser", "demo_predictions", "load_predictions", "run"]
+
+# multi-class probability columns, as a run writes them (training.inference.SCORE_PREFIX; not
+# imported from there so that `audit` does not import torch)
+SCORE_PREFIX = "score_"
 
 DEMO_ATTRIBUTES = ("race", "gender", "ethnicity")
 
@@ -109,10 +114,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 class Predictions:
     """Validated predictions: labels, scores, and integer group codes + names per attribute."""
 
-    y_true: np.ndarray  # (n,) int64 in {0, 1}
-    y_score: np.ndarray  # (n,) float64 in [0, 1]
+    y_true: np.ndarray  # (n,) int64 in {0, 1} (multi-class: 0..K-1)
+    y_score: np.ndarray  # (n,) float64 in [0, 1] (multi-class: (n, K) class probabilities)
     sensitive_features: dict[str, np.ndarray]  # attribute -> (n,) int64, -1 = unknown
     group_names: dict[str, dict[int, str]]
+    classes: list[str] | None = None  # multi-class: the class names, in score column order
 
 
 def _line(i: int) -> int:
@@ -145,6 +151,9 @@ def load_predictions(
             f"{path}: cannot read as CSV ({str(exc).strip().splitlines()[0]})"
         ) from None
     columns = [str(c) for c in frame.columns]
+    class_cols = [c for c in columns if c.startswith(SCORE_PREFIX)]
+    if score not in frame.columns and len(class_cols) >= 2:
+        return _load_multiclass(path, frame, label, class_cols, attributes)
     for option, col in [("--label", label), ("--score", score)] + [
         ("--attribute", a) for a in attributes
     ]:
@@ -175,7 +184,57 @@ def load_predictions(
         raise UserError(
             f"{path}: {label!r} holds only {y_true[0]}s; AUC is undefined without both classes"
         )
+    features, names = _attribute_codes(path, frame, attributes)
+    return Predictions(y_true, scores, features, names)
 
+
+def _load_multiclass(
+    path: Path, frame: pd.DataFrame, label: str, class_cols: list[str], attributes: Sequence[str]
+) -> Predictions:
+    """A multi-class predictions CSV: `score_<class>` columns (class order = column order),
+    labels as class indices 0..K-1 or class names."""
+    columns = [str(c) for c in frame.columns]
+    for option, col in [("--label", label)] + [("--attribute", a) for a in attributes]:
+        if col not in frame.columns:
+            raise UserError(
+                f"{path}: no column {col!r} (given by {option}); available columns: {columns}"
+            )
+    if len(frame) == 0:
+        raise UserError(f"{path}: no rows of predictions")
+    classes = [c[len(SCORE_PREFIX) :] for c in class_cols]
+    k = len(classes)
+    by_name = {name: i for i, name in enumerate(classes)}
+    raw = frame[label]
+    numeric = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+    y_true = np.full(len(frame), -1, dtype=np.int64)
+    for i, (value, number) in enumerate(zip(raw.tolist(), numeric)):
+        if np.isfinite(number) and number == int(number) and 0 <= number < k:
+            y_true[i] = int(number)
+        elif str(value).strip() in by_name:
+            y_true[i] = by_name[str(value).strip()]
+        else:
+            raise UserError(
+                f"{path} line {_line(i)}: {label!r} {_cell(frame, label, i)}; labels must be a "
+                f"class index 0..{k - 1} or a class name {classes} (from the "
+                f"{SCORE_PREFIX}<class> columns)"
+            )
+    scores = frame[class_cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = (~np.isfinite(scores) | (scores < 0) | (scores > 1)).any(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{path} line {_line(i)}: {SCORE_PREFIX}<class> columns hold {scores[i].tolist()}; "
+            "scores must be probabilities in [0, 1]"
+        )
+    if len(np.unique(y_true)) < 2:
+        raise UserError(f"{path}: {label!r} holds a single class; AUC is undefined")
+    features, names = _attribute_codes(path, frame, attributes)
+    return Predictions(y_true, scores, features, names, classes=classes)
+
+
+def _attribute_codes(
+    path: Path, frame: pd.DataFrame, attributes: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, dict[int, str]]]:
     features: dict[str, np.ndarray] = {}
     names: dict[str, dict[int, str]] = {}
     for attribute in attributes:
@@ -184,7 +243,7 @@ def load_predictions(
         if name_col in frame.columns and pd.api.types.is_numeric_dtype(frame[attribute]):
             code_names = code_names | _names_from_column(frame, codes, name_col, path)
         features[attribute], names[attribute] = codes, code_names
-    return Predictions(y_true, scores, features, names)
+    return features, names
 
 
 def _names_from_column(
@@ -326,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         unknown=args.unknown,
         single_class=args.single_class,
+        class_names=preds.classes,
     )
     table = format_table(summary)
     print(table)
@@ -347,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
                 unknown=args.unknown,
             )
             for a, codes in features.items()
+            if preds.classes is None  # ROC curves are binary; multi-class: the table only
         }
         report = render_html(summary, table, figures, source=str(source), command=_command(args))
         with writing(out / "report.html"):

@@ -251,13 +251,17 @@ def _pooled_ci(records: Sequence[RunRecord], attribute: str, n_boot: int) -> dic
     names = None
     if f"{attribute}_name" in pooled.columns:
         names = dict(zip(pooled[attribute], pooled[f"{attribute}_name"].astype(str)))
+    from multifair.training.inference import frame_scores
+
+    scores, classes = frame_scores(pooled, str(records[0].predictions))
     summary = summarize(
         pooled["label"].to_numpy(),
-        pooled["score"].to_numpy(),
+        scores,
         sensitive_features={attribute: pooled[attribute].to_numpy()},
         group_names={attribute: names} if names else None,
         n_boot=n_boot,
         seed=0,
+        class_names=classes,
     )
     ci = summary["attributes"][attribute].get("ci") or {}
     out = {k: list(ci[k]) for k in ("auc", "es_auc", "es_acc", "dpd", "deodds") if k in ci}

@@ -78,7 +78,7 @@ def load_run(
     model = build_model(
         cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
     ).to(dev)
-    method = build_method(cfg.method.name, params, modalities, data.n_groups)
+    method = build_method(cfg.method.name, params, modalities, data.n_groups, data.n_classes)
     method.setup(model)
     method.to(dev)
     checkpoint.load_model(model, state, path)

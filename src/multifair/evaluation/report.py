@@ -128,8 +128,8 @@ def group_roc_figure(predictions: Path, attribute: str, title: str = "") -> str 
     if not predictions.is_file():
         return None
     frame = pd.read_csv(predictions)
-    if attribute not in frame.columns:
-        return None
+    if attribute not in frame.columns or "score" not in frame.columns:
+        return None  # multi-class predictions (score_<class>): ROC curves are binary
     names = None
     if f"{attribute}_name" in frame.columns:
         names = {int(c): str(n) for c, n in zip(frame[attribute], frame[f"{attribute}_name"])}

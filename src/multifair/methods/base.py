@@ -111,6 +111,12 @@ class Method(nn.Module):
     acts_on_step_size: ClassVar[bool] = False
 
     @classmethod
+    def check_classes(cls, params: MethodParams, n_classes: int) -> None:
+        """Raise `UserError` (naming the method and why) when these params cannot train a
+        `n_classes`-way label; called by `build_method`, so a binary-only method refuses a
+        multi-class run before anything trains. Default: any number of classes (softmax CE)."""
+
+    @classmethod
     def model_modalities(cls, params: MethodParams, modalities: list[str]) -> list[str]:
         """Which of the dataset's modalities the model is built with (unimodal: one)."""
         return list(modalities)
@@ -184,11 +190,17 @@ class Method(nn.Module):
 
 
 def build_method(
-    name: str, params: Mapping[str, Any] | None, modalities: list[str], n_groups: int
+    name: str,
+    params: Mapping[str, Any] | None,
+    modalities: list[str],
+    n_groups: int,
+    n_classes: int = 2,
 ) -> Method:
-    """Look up a registered method and validate its hyper-parameters."""
+    """Look up a registered method and validate its hyper-parameters (and that it can train a
+    `n_classes`-way label: `Method.check_classes`)."""
     from multifair.config import validate
 
     cls = METHODS.get(name)
     parsed = validate(cls.Params, dict(params or {}), source=f"method {name!r}")
+    cls.check_classes(parsed, n_classes)
     return cls(parsed, modalities, n_groups)

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from multifair.errors import UserError
 from multifair.methods.base import (
     METHODS,
     LossOutput,
@@ -45,6 +46,15 @@ class GroupDRO(Method):
 
     Params = GroupDROParams
     params: GroupDROParams
+
+    @classmethod
+    def check_classes(cls, params: MethodParams, n_classes: int) -> None:
+        assert isinstance(params, GroupDROParams)
+        if n_classes != 2 and params.groups == "attribute_label":
+            raise UserError(
+                f"method 'groupdro' with groups: attribute_label pairs each group with a 0/1 "
+                f"label (2 G groups); the data has {n_classes} classes: use groups: attribute"
+            )
 
     def __init__(self, params: GroupDROParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)

@@ -91,6 +91,16 @@ class MultiFair(Method):
     released: ClassVar[bool] = False
     params: ReleasedParams
 
+    @classmethod
+    def check_classes(cls, params: MethodParams, n_classes: int) -> None:
+        if n_classes != 2:
+            raise UserError(
+                f"method {cls._name()!r} needs a binary label (data has {n_classes} classes): "
+                "its modality balance and group gap are binary AUCs of the positive-class "
+                "probability (and a pairwise positive/negative AUC surrogate); use a "
+                "cross-entropy method (erm, reweight, groupdro, fis, ...) for multi-class"
+            )
+
     def __init__(self, params: ReleasedParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
         if params.modality_level and len(modalities) < 2:

@@ -76,10 +76,12 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
+from multifair.errors import UserError
 from multifair.methods.base import (
     METHODS,
     LossOutput,
     Method,
+    MethodParams,
     ModelOutput,
     StepContext,
 )
@@ -226,6 +228,16 @@ class MultiFairAdam(GroupStackingHook, Method):
 
     Params = MultiFairAdamParams
     acts_on_step_size = True
+
+    @classmethod
+    def check_classes(cls, params: MethodParams, n_classes: int) -> None:
+        if n_classes != 2:
+            raise UserError(
+                f"method 'multifair_adam' needs a binary label (data has {n_classes} classes): "
+                "its modality levels are binary AUCs of each auxiliary head's logit margin "
+                "z_1 - z_0 (and its fused gap loss and group stacking are binary too); use a "
+                "cross-entropy method (erm, reweight, groupdro, fis, ...) for multi-class"
+            )
 
     def __init__(self, params: MultiFairAdamParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)

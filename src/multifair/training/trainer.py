@@ -375,7 +375,7 @@ def _train(
     model = build_model(
         cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
     ).to(device)
-    method = build_method(cfg.method.name, params, modalities, n_groups)
+    method = build_method(cfg.method.name, params, modalities, n_groups, data.n_classes)
     method.setup(model)  # parameters whose shapes depend on the model (FIN)
     method.to(device)
     distributed.broadcast_state(model, env)
