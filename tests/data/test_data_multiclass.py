@@ -130,3 +130,17 @@ def test_table_label_column_with_k_classes(tmp_path):
     frame.to_csv(root / "table.csv", index=False)
     with pytest.raises(UserError, match=r"'terminal' is not one of data.classes"):
         build_data(cfg)
+
+
+def test_inspect_reads_the_classes(amd_tree):
+    from multifair.data.inspect import inspect_tree
+
+    root, meta = amd_tree
+    report = inspect_tree(root, "fairvision", label_key="amd_condition", progress=False)
+    assert report["problems"] == []
+    train = report["splits"]["train"]
+    stages = [s["label"] for s in meta["samples"] if s["split"] == "train"]
+    assert train["positives"] == sum(1 for y in stages if y > 0)
+    assert train["negatives"] == sum(1 for y in stages if y == 0)
+    binary = inspect_tree(root, "fairvision", label_key="glaucoma", progress=False)
+    assert binary["problems"] and all(p["key"] == "glaucoma" for p in binary["problems"])

@@ -19,7 +19,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from multifair.console import bars_enabled
-from multifair.data.config import SPLITS, DataConfig, load_data_config
+from multifair.data.config import (
+    DEFAULT_CLASSES,
+    SPLITS,
+    ClassSpec,
+    DataConfig,
+    load_data_config,
+    make_class_spec,
+)
 from multifair.data.formats import (
     ATTRIBUTE_KEYS,
     ATTRIBUTES,
@@ -72,9 +79,16 @@ def detect_kind(root: Path) -> str:
 
 
 def _inspect_file(
-    path: Path, fmt: Any, label_key: str, deep: bool, image_size: int, slices: int
+    path: Path,
+    fmt: Any,
+    label_key: str,
+    deep: bool,
+    image_size: int,
+    slices: int,
+    classes: ClassSpec | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One file's label, codes, array headers; every problem found (not only the first)."""
+    """One file's label (a class index with `classes`), codes, array headers; every problem
+    found (not only the first)."""
     problems: list[dict[str, Any]] = []
     info: dict[str, Any] = {"label": None, "codes": {}, "arrays": {}}
 
@@ -91,9 +105,16 @@ def _inspect_file(
             problem(label_key, "missing key")
         else:
             try:
-                info["label"] = label_value(z.scalar(label_key), label_key)
+                raw = z.scalar(label_key)
+                info["label"] = (
+                    label_value(raw, label_key)
+                    if classes is None
+                    else classes.index(raw, label_key)
+                )
             except (BadFile, BadValue) as exc:
                 problem(label_key, exc.message)
+            except ValueError as exc:  # a value outside data.classes
+                problem(label_key, str(exc).split(": ", 1)[1])
         for attribute in ATTRIBUTES:
             key = z.first_key(ATTRIBUTE_KEYS[attribute])
             if key is None:
@@ -155,8 +176,13 @@ def inspect_tree(
     image_size: int = 224,
     oct_slices: int = 10,
     progress: bool = True,
+    classes: ClassSpec | None = None,
 ) -> dict[str, Any]:
-    """Inspect a FairVision/FairVLMed tree. Returns a JSON-able report."""
+    """Inspect a FairVision/FairVLMed tree. Returns a JSON-able report. With `classes` (or a
+    label_key with a preset, e.g. amd_condition) labels are class indices and "positives"
+    counts the files outside the first class."""
+    if classes is None and label_key in DEFAULT_CLASSES:
+        classes = make_class_spec(DEFAULT_CLASSES[label_key])
     from multifair.data import fairvision, fairvlmed
 
     root = Path(root)
@@ -218,7 +244,9 @@ def inspect_tree(
         for path in tqdm(
             files, desc=f"inspect {split}", disable=not bars_enabled(progress), leave=False
         ):
-            info, problems = _inspect_file(path, fmt, label_key, deep, image_size, oct_slices)
+            info, problems = _inspect_file(
+                path, fmt, label_key, deep, image_size, oct_slices, classes
+            )
             report["problems"].extend(problems)
             for key, (shape, dtype) in info["arrays"].items():
                 shapes[f"{key} {list(shape)} {dtype}"] += 1
@@ -235,9 +263,9 @@ def inspect_tree(
             entry["readable"] += 1
             y = info["label"]
             labels_by_id[path.stem] = y
-            entry["positives" if y == 1 else "negatives"] += 1
+            entry["positives" if y >= 1 else "negatives"] += 1
             for a, code in info["codes"].items():
-                groups[a][(code, y)] += 1
+                groups[a][(code, min(y, 1))] += 1  # multi-class: any stage beyond the first
         for a, counts in groups.items():
             if not counts:
                 continue
@@ -421,6 +449,7 @@ def inspect_path(
             image_size=cfg.image_size,
             oct_slices=cfg.oct_slices,
             progress=progress,
+            classes=cfg.class_spec(),
         )
     return inspect_tree(p, kind, deep, progress=progress)
 

@@ -343,6 +343,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/diagnose-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     # validate everything before the first run: the config, the modalities
     probe = run_config(raw, {"name": "erm"}, 0, out / "runs" / "erm" / "seed0", args.epochs)
+    spec = probe.data.class_spec()
+    if spec is not None:
+        raise UserError(
+            f"multifair diagnose compares binary scores (AUC gaps of positive-class "
+            f"probabilities); the data has {len(spec.names)} classes ({', '.join(spec.names)}). "
+            "Train erm and the unimodal runs and compare their multi-class metrics instead"
+        )
     kinds = modality_kinds(probe.data)
     modalities = list(kinds)
     train_attribute = probe.data.attribute
