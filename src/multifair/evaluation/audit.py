@@ -17,7 +17,7 @@ import html
 import json
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,13 @@ from multifair.metrics import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN_POLICIES,
     encode_groups,
+    format_missingness,
     format_table,
     intersect,
     summarize,
+    summarize_missingness,
 )
+from multifair.training.inference import PRESENT_PREFIX
 
 __all__ = ["Predictions", "add_parser", "demo_predictions", "load_predictions", "run"]
 
@@ -113,6 +116,9 @@ class Predictions:
     y_score: np.ndarray  # (n,) float64 in [0, 1]
     sensitive_features: dict[str, np.ndarray]  # attribute -> (n,) int64, -1 = unknown
     group_names: dict[str, dict[int, str]]
+    # modality -> (n,) bool, from `present_<modality>` columns (a run on data with missing
+    # modalities writes them): the audit then adds metrics per missingness pattern
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _line(i: int) -> int:
@@ -184,7 +190,19 @@ def load_predictions(
         if name_col in frame.columns and pd.api.types.is_numeric_dtype(frame[attribute]):
             code_names = code_names | _names_from_column(frame, codes, name_col, path)
         features[attribute], names[attribute] = codes, code_names
-    return Predictions(y_true, scores, features, names)
+    present = {}
+    for column in frame.columns:
+        if str(column).startswith(PRESENT_PREFIX):
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isin(values, (0.0, 1.0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise UserError(
+                    f"{path} line {_line(i)}: {column!r} {_cell(frame, str(column), i)}; "
+                    "presence columns must be 0 or 1"
+                )
+            present[str(column)[len(PRESENT_PREFIX) :]] = values.astype(bool)
+    return Predictions(y_true, scores, features, names, present)
 
 
 def _names_from_column(
@@ -328,6 +346,16 @@ def run(args: argparse.Namespace) -> int:
         single_class=args.single_class,
     )
     table = format_table(summary)
+    if preds.present:  # per missingness pattern, and missingness rates by group
+        summary["missingness"] = summarize_missingness(
+            preds.y_true,
+            preds.y_score,
+            preds.present,
+            sensitive_features=features,
+            group_names=names,
+            threshold=args.threshold,
+        )
+        table += "\n\n" + format_missingness(summary["missingness"])
     print(table)
 
     with writing(out / "metrics.json"):

@@ -75,7 +75,11 @@ def load_run(
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     dev = resolve_device(device)
     specs = {m: data.modalities[m] for m in modalities}
-    model = build_model(cfg.model, specs, dataset_modalities=list(data.modalities)).to(dev)
+    # the learned missing tokens exist when the run was trained on data with missing modalities
+    missing = "missing_tokens" in state.get("model", {})
+    model = build_model(
+        cfg.model, specs, dataset_modalities=list(data.modalities), missing=missing
+    ).to(dev)
     method = build_method(cfg.method.name, params, modalities, data.n_groups)
     method.setup(model)
     method.to(dev)
