@@ -33,6 +33,11 @@ SHORT_NOTE = "no significant clinical findings reported"
 SUMMARY_FILES = ("gpt-4_summarized_notes.csv", "gpt4_summarized_notes.csv")
 
 
+def note_is_missing(text: str | None) -> bool:
+    """No note: absent, empty, or "nan"/"none" (what the released code replaces by NO_NOTE)."""
+    return text is None or not str(text).strip() or str(text).strip().lower() in ("nan", "none")
+
+
 def clean_note(text: str | None, lowercase: bool = True) -> str:
     """The released fallbacks for empty and short notes."""
     if text is None:
@@ -111,6 +116,11 @@ class NoteSource:
         if self.table is None:
             return clean_note(npz_note, self.lowercase)
         return clean_note(self.table.get(sample_id), self.lowercase)
+
+    def missing(self, sample_id: str, npz_note: str | None) -> bool:
+        """True when the sample has no note (the text above is then the released fallback)."""
+        raw = npz_note if self.table is None else self.table.get(sample_id)
+        return note_is_missing(raw)
 
 
 def inputs(cfg: DataConfig, splits: Sequence[str]) -> SubjectInputs:
