@@ -174,7 +174,7 @@ class SplitSpec(_Strict):
 # Which optional fields each kind may set (the rest must keep their default).
 _KIND_FIELDS: dict[str, set[str]] = {
     "fairvision": {"root", "label_key", "disease"},
-    "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note"},
+    "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note", "note_fallback"},
     "table": {
         "path",
         "label",
@@ -232,6 +232,10 @@ class DataConfig(_Strict):
     note: Literal["original", "summary"] = "original"  # fairvlmed: clinical note or GPT-4 summary
     note_from: Literal["npz", "csv"] = "npz"  # fairvlmed: where the original note is read
     lowercase_note: bool = True
+    # fairvlmed: a missing note ("", "nan") becomes the released fallback text and counts as
+    # present (released behaviour; the constant text acts as a learned "no note" input); false:
+    # it is a missing modality, handled by `missing_modalities`
+    note_fallback: bool = True
     # -- table ------------------------------------------------------------------------------
     label: str | LabelSpec | None = None
     attribute_columns: dict[str, str | AttributeColumn] = Field(default_factory=dict)

@@ -111,6 +111,7 @@ class NoteSource:
 
     table: dict[str, str] | None
     lowercase: bool
+    fallback: bool = True  # data.note_fallback: a missing note is the fallback text, present
 
     def __call__(self, sample_id: str, npz_note: str | None) -> str:
         if self.table is None:
@@ -119,6 +120,8 @@ class NoteSource:
 
     def missing(self, sample_id: str, npz_note: str | None) -> bool:
         """True when the sample has no note (the text above is then the released fallback)."""
+        if self.fallback:
+            return False
         raw = npz_note if self.table is None else self.table.get(sample_id)
         return note_is_missing(raw)
 
@@ -127,7 +130,7 @@ def inputs(cfg: DataConfig, splits: Sequence[str]) -> SubjectInputs:
     """Locate the split files and the note CSVs."""
     assert cfg.root is not None
     found = locate(cfg.root, splits)
-    note_fn = NoteSource(note_table(cfg, found), cfg.lowercase_note)
+    note_fn = NoteSource(note_table(cfg, found), cfg.lowercase_note, cfg.note_fallback)
     return SubjectInputs(FORMAT, found.root, found.base, found.files, found.csvs, note_fn, None)
 
 
