@@ -803,7 +803,9 @@ def prepare_image_cache(
     stores = []
     for m in modalities:
         mod = cfg.columns[m]
-        files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base)
+        # an empty cell or absent file is a missing modality (not cached) unless `impute`
+        allow_missing = cfg.missing_modalities != "impute"
+        files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base, allow_missing)
         reader = PathReader(m, mod.kind, unique_files(files), mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
         shape = _stored_shape(reader, cfg.skip_bad, source)
         stores.append(cache.RowStore(m, cache.fingerprint_files(base, reader.paths), {m: shape}, reader))  # fmt: skip
