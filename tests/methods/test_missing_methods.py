@@ -129,7 +129,7 @@ def test_methods_that_cannot_handle_missing_refuse():
     for name in ("ogm_ge", "pmr", "dgl", "multifair_released", "fin"):
         assert not METHODS.get(name).supports_missing, name
     stacking = build_method("multifair_adam", {"group_fusion": "stacking"}, ["a", "b"], G)
-    with pytest.raises(UserError, match="multifair_adam.*missing modalities"):
+    with pytest.raises(UserError, match=r"multifair_adam.*missing modalities"):
         stacking.check_missing(True)
     stacking.check_missing(False)  # fine without missing modalities
 

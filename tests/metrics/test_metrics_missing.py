@@ -73,5 +73,11 @@ def test_single_class_pattern_has_no_auc_and_the_table_prints():
     out = summarize_missingness(y, score, present, sensitive_features={"g": group})
     lacking = next(p for p in out["patterns"] if p["pattern"] == "a missing")
     assert lacking["auc"] is None and lacking["attributes"]["g"]["es_auc"] is None
+    # one group with an AUC: ES-AUC would compare the group with itself, so there is none
+    one_group = summarize_missingness(
+        y, score, {"a": np.ones(6, bool)}, sensitive_features={"g": np.array([0, 0, 0, 0, 1, 1])}
+    )
+    assert one_group["patterns"][0]["auc"] is not None
+    assert one_group["patterns"][0]["attributes"]["g"]["es_auc"] is None
     text = format_missingness(out)
     assert "a missing" in text and "all present" in text and "missing modalities by g" in text

@@ -21,8 +21,9 @@ def _run(model, batch):
 
 
 def _missing_model(fusion: str):
-    from multifair.models import build_model
     from test_classifier import SPECS, TINY
+
+    from multifair.models import build_model
 
     torch.manual_seed(0)
     cfg = {**TINY, "fusion": fusion, "dropout": 0.0}

@@ -82,7 +82,8 @@ def summarize_missingness(
                         "auc": _finite(aucs.get(int(code), float("nan"))),
                     }
                 )
-            enough = len(groups) >= 2 and entry["auc"] is not None
+            # ES-AUC compares groups: it needs two with an AUC in this pattern
+            enough = sum(gr["auc"] is not None for gr in groups) >= 2 and entry["auc"] is not None
             entry["attributes"][attribute] = {
                 "es_auc": _finite(es_auc(y[rows], s[rows], groups=g)) if enough else None,
                 "groups": groups,
