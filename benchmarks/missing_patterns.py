@@ -94,10 +94,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", type=Path)
     parser.add_argument("--reference", default="erm")
     parser.add_argument("--attribute", default="race")
+    parser.add_argument(
+        "--presence-from",
+        type=Path,
+        help="take the patterns from this benchmark's runs (by sample_id): a control on the "
+        "same patients with nothing missing, read per the other benchmark's patterns",
+    )
     args = parser.parse_args(argv)
     attribute = args.attribute
+    source = None
+    if args.presence_from is not None:
+        source = presence(next(iter(read_runs(args.presence_from, attribute).values())))
     for dataset, methods in read_runs(args.root, attribute).items():
-        present = presence(methods)
+        present = presence(methods) if source is None else source
+        if source is not None:  # the control's own (all-present) columns make way
+            methods = {
+                m: {
+                    s: f.drop(columns=[c for c in f.columns if c.startswith(PRESENT_PREFIX)])
+                    for s, f in by_seed.items()
+                }
+                for m, by_seed in methods.items()
+            }
         results = {
             m: {seed: per_pattern(f, present, attribute) for seed, f in by_seed.items()}
             for m, by_seed in methods.items()
