@@ -139,7 +139,7 @@ class DataBundle:
     fitted: dict[str, Any] | None = None  # table preprocessing fitted on train (see table.py)
     intersections: dict[str, dict[str, Any]] = field(default_factory=dict)
     # missing modalities (`data.missing_modalities`): per split, modality -> samples lacking it,
-    # and the samples dropped (no modality present, or `drop`); see `missing_summary`
+    # and the samples dropped (no modality present, or `drop`); see `describe_missing`
     missing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
