@@ -69,6 +69,20 @@ def test_knob_leaves_other_data_unchanged(tmp_path):
     pd.testing.assert_frame_equal(a[[c for c in a if c.startswith("a")]], b[[c for c in b if c.startswith("a")]])  # fmt: skip
 
 
+def test_synth_cli_writes_the_knob(tmp_path, capsys):
+    import json
+
+    from multifair.cli import main
+
+    out = tmp_path / "t"
+    args = ["data", "synth", "table", str(out), "--n", "100", "--missing", "B=0.5"]
+    assert main(args) == 0
+    knobs = json.loads((out / "synth_meta.json").read_text())["knobs"]
+    assert knobs["missing"] == {"B": [0.5]}
+    assert main(["data", "synth", "table", str(tmp_path / "u"), "--missing", "B"]) == 2
+    assert "--missing 'B': expected MODALITY=R" in capsys.readouterr().err
+
+
 def test_knob_rejects_bad_rates():
     with pytest.raises(ValueError, match="missing"):
         SynthKnobs(flavour="table", missing={"C": [0.1]})
