@@ -232,6 +232,15 @@ def test_fairvision_absent_npz_key(tmp_path):
         assert (~want["oct"]).any() and (~want["fundus"]).any()
     with pytest.raises(UserError, match=r"modality .(fundus|oct). is missing"):
         build_data(cfg.model_copy(update={"cache": "off", "missing_modalities": "error"}))
+    # inspect counts them per split and race group; they are not problems of the files
+    from multifair.data.inspect import format_report, inspect_tree
+
+    report = inspect_tree(tmp_path, progress=False)
+    assert not report["problems"]
+    train = report["splits"]["train"]["missing_modalities"]
+    want = _expected(meta, "train", [s["sample_id"] for s in meta["samples"] if s["split"] == "train"])  # fmt: skip
+    assert sum(train["oct"].values()) == int((~want["oct"]).sum())
+    assert "missing oct (no array; a missing modality)" in format_report(report)
 
 
 def test_fairvlmed_missing_note(tmp_path):
