@@ -4,7 +4,7 @@ as the mean over seeds, and the paired difference to the reference method with a
 t-interval over seeds; then the missingness rates by group.
 
     python benchmarks/missing_patterns.py runs/benchmarks/synth_table_missing [--reference erm]
-        [--attribute race] [--markdown]
+        [--attribute race] [--presence-from OTHER_ROOT [--presence-dataset LABEL]]
 
 Reads each run's predictions_test.csv. A run without presence columns (`data.missing_modalities:
 impute` feeds the placeholders as data, so every modality counts as present) takes the
@@ -100,11 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         help="take the patterns from this benchmark's runs (by sample_id): a control on the "
         "same patients with nothing missing, read per the other benchmark's patterns",
     )
+    parser.add_argument(
+        "--presence-dataset", help="with --presence-from: that benchmark's dataset label"
+    )
     args = parser.parse_args(argv)
     attribute = args.attribute
     source = None
     if args.presence_from is not None:
-        source = presence(next(iter(read_runs(args.presence_from, attribute).values())))
+        datasets = read_runs(args.presence_from, attribute)
+        label = args.presence_dataset or next(iter(datasets))
+        if label not in datasets:
+            raise SystemExit(f"--presence-dataset {label!r}: not in {sorted(datasets)}")
+        source = presence(datasets[label])
     for dataset, methods in read_runs(args.root, attribute).items():
         present = presence(methods) if source is None else source
         if source is not None:  # the control's own (all-present) columns make way
