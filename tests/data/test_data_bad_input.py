@@ -64,7 +64,10 @@ def test_missing_key(tree: Path):
     _fails(tree, str(path), "'glaucoma'", "missing key")
     _rewrite(path, glaucoma=np.array(1))
     _rewrite(path, drop="oct_bscans")
-    _fails(tree, str(path), "'oct_bscans'", "missing key")
+    # an absent image array is a missing modality (data.missing_modalities: mask, the
+    # default; tests/data/test_data_missing.py); `impute` keeps the error of a missing key
+    _fails(tree, str(path), "'oct_bscans'", "missing key", missing_modalities="impute")
+    _fails(tree, str(path), "modality 'oct' is missing", missing_modalities="error")
 
 
 def test_wrong_shape(tree: Path):

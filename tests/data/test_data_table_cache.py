@@ -167,15 +167,21 @@ def _read_all(bundle) -> None:
             ds[i]
 
 
-def test_empty_path_is_a_row_problem_and_counts_as_missing_by_group(tmp_path: Path, capsys):
+def test_empty_path_is_a_missing_modality_and_counts_as_missing_by_group(tmp_path: Path, capsys):
     table = _write_table(tmp_path / "data")
     frame = pd.read_csv(table)
     frame.loc[[6, 9], "scan"] = np.nan  # both rows in group "b" (r % 3 == 0)
     frame.to_csv(table, index=False)
+    # data.missing_modalities: mask (default) - the rows stay, without their scan
+    bundle = build_data(_cfg(table))
+    assert not bundle.skipped
+    assert sum(counts["scan"] for counts in bundle.missing["absent"].values()) == 2
+    # impute (the behaviour before masks): an empty path is a row problem
     with pytest.raises(UserError, match="row 6: column 'scan': empty path"):
-        build_data(_cfg(table))
-    assert len(build_data(_cfg(table, skip_bad=True)).skipped) == 2
-    assert main(["data", "inspect", str(_yaml(table)), "--json", str(tmp_path / "r.json")]) == 1
+        build_data(_cfg(table, missing_modalities="impute"))
+    assert len(build_data(_cfg(table, skip_bad=True, missing_modalities="impute")).skipped) == 2
+    # inspect: a missing modality is not a problem (exit 0) but is counted by group
+    assert main(["data", "inspect", str(_yaml(table)), "--json", str(tmp_path / "r.json")]) == 0
     by_group = json.loads((tmp_path / "r.json").read_text())["missingness"]["g"]
     n_b = int((frame["g"] == "b").sum())
     assert by_group["scan"]["groups"]["b"]["rows"] == pytest.approx(2 / n_b)

@@ -79,6 +79,9 @@ class Collator:
 
     kinds: dict[str, ModalityKind]
     attributes: list[str]
+    # emit batch["present"] = {modality: (B,) bool}: set when some sample of the data lacks a
+    # modality (`data.missing_modalities: mask`); without it every modality is present
+    presence: bool = False
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not samples:
@@ -101,6 +104,11 @@ class Collator:
             a: torch.tensor([s["attributes"][a] for s in samples], dtype=torch.int64)
             for a in self.attributes
         }
+        if self.presence:
+            batch["present"] = {
+                m: torch.tensor([s.get("present", {}).get(m, True) for s in samples])
+                for m in self.kinds
+            }
         batch["sample_id"] = [s["sample_id"] for s in samples]
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
         return batch
@@ -130,10 +138,15 @@ class DataBundle:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     fitted: dict[str, Any] | None = None  # table preprocessing fitted on train (see table.py)
     intersections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # missing modalities (`data.missing_modalities`): per split, modality -> samples lacking it,
+    # and the samples dropped (no modality present, or `drop`); see `describe_missing`
+    missing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.collate = Collator(
-            kinds={m: s.kind for m, s in self.modalities.items()}, attributes=list(self.attributes)
+            kinds={m: s.kind for m, s in self.modalities.items()},
+            attributes=list(self.attributes),
+            presence=self.has_missing,
         )
 
     @property
@@ -147,6 +160,33 @@ class DataBundle:
         """Logits the model needs: 2 for a binary label, K for a K-class one."""
         classes = self.classes
         return 2 if classes is None else len(classes)
+
+    @property
+    def has_missing(self) -> bool:
+        """True when some kept sample of some split lacks a modality (batches then carry
+        `present`)."""
+        counts = self.missing.get("absent", {})
+        return any(n for per_split in counts.values() for n in per_split.values())
+
+    def describe_missing(self) -> str:
+        """One line: samples lacking each modality, per split."""
+        parts = []
+        for split, counts in self.missing.get("absent", {}).items():
+            absent = ", ".join(f"{m} {n}" for m, n in counts.items() if n)
+            if absent:
+                parts.append(f"{split}: {absent}")
+        return "; ".join(parts) or "none"
+
+    def present(self, split: str) -> dict[str, np.ndarray]:
+        """modality -> (N,) bool: which samples of a split have it (all True when none is
+        missing)."""
+        ds = self.datasets[split]
+        n = len(ds)  # type: ignore[arg-type]
+        stored = getattr(ds, "present", None) or {}
+        return {
+            m: np.asarray(stored.get(m, np.ones(n, dtype=bool)), dtype=bool)
+            for m in self.modalities
+        }
 
     @property
     def n_groups(self) -> int:
@@ -238,7 +278,40 @@ class DataBundle:
                 lines.append(f"  {attribute}: merged (< {fitted['min_group_size']}): {merged}")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad file(s)")
+        for split, counts in self.missing.get("absent", {}).items():
+            absent = {m: n for m, n in counts.items() if n}
+            if absent:
+                lines.append(f"  {split}: missing modalities (samples) {absent}")
+        for split, n in self.missing.get("dropped", {}).items():
+            if n:
+                lines.append(f"  {split}: dropped {n} sample(s) ({self.missing.get('policy')})")
         return "\n".join(lines)
+
+
+def missing_policy(
+    present: Mapping[str, np.ndarray], policy: str, where: Any, source: str, split: str
+) -> tuple[np.ndarray, int]:
+    """Apply `data.missing_modalities` to one split's presence: (N,) bool rows to keep, and
+    how many were dropped. `present`: modality -> (N,) bool; `where(i)` names sample i in an
+    error. "error" refuses the first absent modality; "drop" keeps complete samples; "mask"
+    (and "impute", whose loaders mark absent only what they cannot impute) drops the samples
+    with no modality at all, with a warning, since nothing is left to predict from."""
+    if not present:
+        return np.ones(0, dtype=bool), 0
+    stacked = np.stack([np.asarray(p, dtype=bool) for p in present.values()])  # (M, N)
+    names = list(present)
+    if policy == "error" and not stacked.all():
+        m, i = (int(v[0]) for v in np.nonzero(~stacked))
+        raise UserError(
+            f"{source}: {where(i)}: modality {names[m]!r} is missing; set "
+            "data.missing_modalities to mask (the model leaves it out), drop or impute"
+        )
+    keep = stacked.all(0) if policy == "drop" else stacked.any(0)
+    dropped = int((~keep).sum())
+    if dropped:
+        why = "a missing modality" if policy == "drop" else "no modality present"
+        log.warning("%s: %s: dropped %d sample(s) with %s", source, split, dropped, why)
+    return keep, dropped
 
 
 def check_state(state: Mapping[str, Any], kind: str) -> None:

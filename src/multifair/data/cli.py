@@ -77,6 +77,14 @@ def add_parser(subparsers: Any) -> None:
         help="label signal d' of a modality, one value or per race group (repeatable)",
     )
     synth.add_argument(
+        "--missing",
+        action="append",
+        default=[],
+        metavar="MODALITY=R[,R,R]",
+        help="share of samples lacking a modality, one rate or per race group Asian,Black,White "
+        "(repeatable); the files really lack it",
+    )
+    synth.add_argument(
         "--unknown-rate", type=float, help="-1 rate of ethnicity/language/maritalstatus"
     )
     synth.add_argument("--race-unknown-rate", type=float)
@@ -201,6 +209,16 @@ def _synth(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as exc:
             raise UserError(f"--signal {item!r}: {exc}") from None
     knobs["signal"] = signal
+    missing = {}
+    for item in args.missing:
+        name, sep, values = item.partition("=")
+        if not sep:
+            raise UserError(f"--missing {item!r}: expected MODALITY=R or MODALITY=R,R,R")
+        try:
+            missing[name.strip()] = _floats(values)
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"--missing {item!r}: {exc}") from None
+    knobs["missing"] = missing
     k = validate(SynthKnobs, knobs, source="data synth")
     meta = generate(k, args.out, force=args.force)
     print(f"wrote {meta['n']} {args.flavour} subjects ({k.scenario}, {k.size}) to {args.out}")

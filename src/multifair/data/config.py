@@ -268,7 +268,7 @@ class SplitSpec(_Strict):
 # Which optional fields each kind may set (the rest must keep their default).
 _KIND_FIELDS: dict[str, set[str]] = {
     "fairvision": {"root", "label_key", "disease"},
-    "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note"},
+    "fairvlmed": {"root", "label_key", "note", "note_from", "lowercase_note", "note_fallback"},
     "table": {
         "path",
         "label",
@@ -300,6 +300,14 @@ class DataConfig(_Strict):
     # -1 (unknown) codes of the training attribute: keep them (metrics drop them), drop those
     # samples from every split, or treat them as an error.
     unknown: Literal["keep", "drop", "error"] = "keep"
+    # A sample that lacks a modality (empty/missing file path or npz key, empty note, a tabular
+    # modality with every cell missing): "mask" keeps it with batch["present"][m] False (the
+    # model excludes the modality, nothing imputed reaches fusion); "impute" feeds the
+    # placeholder as data (the released FairVLMed note text, median-imputed table cells; an
+    # absent image is still an error); "drop" removes the sample (counted in the log);
+    # "error" refuses it, naming it. A sample with NO modality present is always dropped,
+    # counted, under "mask" (there is nothing to predict from).
+    missing_modalities: Literal["mask", "impute", "drop", "error"] = "mask"
     # -- what the model reads ---------------------------------------------------------------
     modalities: list[str] | None = None  # subset of the dataset's modalities (default: all)
     image_size: int = Field(224, ge=8, le=4096)  # fundus side and OCT slice side, in pixels
@@ -322,6 +330,10 @@ class DataConfig(_Strict):
     note: Literal["original", "summary"] = "original"  # fairvlmed: clinical note or GPT-4 summary
     note_from: Literal["npz", "csv"] = "npz"  # fairvlmed: where the original note is read
     lowercase_note: bool = True
+    # fairvlmed: a missing note ("", "nan") becomes the released fallback text and counts as
+    # present (released behaviour; the constant text acts as a learned "no note" input); false:
+    # it is a missing modality, handled by `missing_modalities`
+    note_fallback: bool = True
     # -- table ------------------------------------------------------------------------------
     label: str | LabelSpec | None = None
     attribute_columns: dict[str, str | AttributeColumn] = Field(default_factory=dict)

@@ -33,6 +33,11 @@ SHORT_NOTE = "no significant clinical findings reported"
 SUMMARY_FILES = ("gpt-4_summarized_notes.csv", "gpt4_summarized_notes.csv")
 
 
+def note_is_missing(text: str | None) -> bool:
+    """No note: absent, empty, or "nan"/"none" (what the released code replaces by NO_NOTE)."""
+    return text is None or not str(text).strip() or str(text).strip().lower() in ("nan", "none")
+
+
 def clean_note(text: str | None, lowercase: bool = True) -> str:
     """The released fallbacks for empty and short notes."""
     if text is None:
@@ -106,18 +111,26 @@ class NoteSource:
 
     table: dict[str, str] | None
     lowercase: bool
+    fallback: bool = True  # data.note_fallback: a missing note is the fallback text, present
 
     def __call__(self, sample_id: str, npz_note: str | None) -> str:
         if self.table is None:
             return clean_note(npz_note, self.lowercase)
         return clean_note(self.table.get(sample_id), self.lowercase)
 
+    def missing(self, sample_id: str, npz_note: str | None) -> bool:
+        """True when the sample has no note (the text above is then the released fallback)."""
+        if self.fallback:
+            return False
+        raw = npz_note if self.table is None else self.table.get(sample_id)
+        return note_is_missing(raw)
+
 
 def inputs(cfg: DataConfig, splits: Sequence[str]) -> SubjectInputs:
     """Locate the split files and the note CSVs."""
     assert cfg.root is not None
     found = locate(cfg.root, splits)
-    note_fn = NoteSource(note_table(cfg, found), cfg.lowercase_note)
+    note_fn = NoteSource(note_table(cfg, found), cfg.lowercase_note, cfg.note_fallback)
     return SubjectInputs(FORMAT, found.root, found.base, found.files, found.csvs, note_fn, None)
 
 

@@ -90,7 +90,7 @@ def _inspect_file(
     """One file's label (a class index with `classes`), codes, array headers; every problem
     found (not only the first)."""
     problems: list[dict[str, Any]] = []
-    info: dict[str, Any] = {"label": None, "codes": {}, "arrays": {}}
+    info: dict[str, Any] = {"label": None, "codes": {}, "arrays": {}, "absent": []}
 
     def problem(key: str | None, message: str) -> None:
         problems.append({"file": str(path), "key": key, "problem": message})
@@ -123,7 +123,7 @@ def _inspect_file(
                 info["codes"][attribute] = attribute_code(attribute, z.scalar(key), key)
             except (BadFile, BadValue) as exc:
                 problem(key, exc.message)
-        for kind, key in fmt.modalities.values():
+        for modality, (kind, key) in fmt.modalities.items():
             if kind == "text":
                 if not z.has("note"):
                     problem("note", "missing key")
@@ -138,7 +138,9 @@ def _inspect_file(
                     problem("note", exc.message)
                 continue
             if not z.has(key):
-                problem(key, "missing key")
+                # a missing modality (data.missing_modalities: mask, the default), not a
+                # problem of the file; counted per split and group below
+                info["absent"].append(modality)
                 continue
             try:
                 shape, dtype = z.header(key)
@@ -240,6 +242,7 @@ def inspect_tree(
                 {"file": str(folders[split]), "key": None, "problem": "empty split folder"}
             )
         groups: dict[str, Counter[tuple[int, int]]] = {a: Counter() for a in ATTRIBUTES}
+        absent: dict[str, Counter[str]] = {}  # modality -> race group name -> files lacking it
         notes = Counter()
         for path in tqdm(
             files, desc=f"inspect {split}", disable=not bars_enabled(progress), leave=False
@@ -260,6 +263,9 @@ def inspect_tree(
                 ] += 1
             if problems:
                 continue
+            for modality in info["absent"]:
+                race = GROUP_NAMES["race"].get(info["codes"].get("race", -1), "unknown")
+                absent.setdefault(modality, Counter())[race] += 1
             entry["readable"] += 1
             y = info["label"]
             labels_by_id[path.stem] = y
@@ -277,6 +283,8 @@ def inspect_tree(
             entry["attributes"][a] = table
         if notes:
             entry["notes"] = dict(notes)
+        if absent:
+            entry["missing_modalities"] = {m: dict(c) for m, c in absent.items()}
         report["splits"][split] = entry
     report["shapes"] = dict(shapes)
     csv_path = report.get("csvs", {}).get("summary")
@@ -476,6 +484,17 @@ def format_report(report: dict[str, Any], max_problems: int = 20) -> str:
             lines.append(f"  {a}: " + ", ".join(parts))
         if e.get("notes"):
             lines.append(f"  notes: {e['notes']}")
+        race = e["attributes"].get("race", {})
+        for modality, by_race in e.get("missing_modalities", {}).items():
+            order = [g for g in race if g in by_race] + [g for g in by_race if g not in race]
+            parts = [
+                f"{g} {by_race[g]} of {race[g]['n']}" if g in race else f"{g} {by_race[g]}"
+                for g in order
+            ]
+            lines.append(
+                f"  missing {modality} (no array; a missing modality): "
+                f"{sum(by_race.values())} - by race: " + ", ".join(parts)
+            )
     if report.get("shapes"):
         lines.append("shapes and dtypes:")
         lines.extend(f"  {k}: {v}" for k, v in report["shapes"].items())

@@ -30,6 +30,7 @@ from multifair.data.bundle import (
     ModalityKind,
     ModalitySpec,
     batch_tensor,
+    missing_policy,
 )
 from multifair.data.cache import find_cache
 from multifair.data.config import ClassSpec, DataConfig
@@ -74,7 +75,10 @@ class Records:
     notes: list[str] | None = None
     stored: dict[str, tuple[list[int], str]] = field(
         default_factory=dict
-    )  # modality -> (shape, dtype) of the first file
+    )  # modality -> (shape, dtype) of the first file that has it
+    # modality -> (N,) bool: which samples have it (absent npz key, missing note); modalities
+    # every sample has are left out
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -89,6 +93,7 @@ class Records:
             age=self.age[rows],
             notes=None if self.notes is None else [self.notes[i] for i in rows],
             stored=dict(self.stored),
+            present={m: p[rows] for m, p in self.present.items()},
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -100,6 +105,7 @@ class Records:
             "age": [None if math.isnan(x) else float(x) for x in self.age],
             "notes": self.notes,
             "stored": {m: [list(s), d] for m, (s, d) in self.stored.items()},
+            "present": {m: p.astype(int).tolist() for m, p in self.present.items()},
         }
 
     @classmethod
@@ -112,6 +118,7 @@ class Records:
             age=np.asarray([np.nan if x is None else x for x in data["age"]], dtype=np.float64),
             notes=data.get("notes"),
             stored={m: (list(s), str(d)) for m, (s, d) in data.get("stored", {}).items()},
+            present={m: np.asarray(p, dtype=bool) for m, p in data.get("present", {}).items()},
         )
 
 
@@ -150,10 +157,13 @@ def scan_file(
     attributes: Sequence[str],
     modalities: Sequence[str],
     read_note: bool,
+    allow_missing: bool = False,
     classes: ClassSpec | None = None,
 ) -> dict[str, Any]:
     """Read one subject's scalars and array headers. Raises `BadFile` naming file/key/value.
-    With `classes` the label is a class index (multi-class), else 0/1."""
+    With `allow_missing` an image/volume key absent from the file is a missing modality
+    (`out["absent"]`), not an error. With `classes` the label is a class index (multi-class),
+    else 0/1."""
     with NpzReader(path) as z:
         z.require(label_key)
         try:
@@ -177,9 +187,13 @@ def scan_file(
         except BadValue as exc:
             raise BadFile(path, exc.where, exc.message) from None
         stored = {}
+        out["absent"] = []
         for name in modalities:
             kind, key = fmt.modalities[name]
             if kind == "text":
+                continue
+            if allow_missing and not z.has(key):
+                out["absent"].append(name)
                 continue
             shape, dtype = z.header(key)
             problem = _check_header(kind, shape, dtype)
@@ -214,12 +228,17 @@ def scan_split(
     read_note = bool(text) and cfg.note_from == "npz" and fmt.kind == "fairvlmed"
     classes = cfg.class_spec()
     ids, paths, labels, ages_out, notes = [], [], [], [], []
+    allow_missing = cfg.missing_modalities != "impute"
+    absent: dict[str, list[bool]] = {m: [] for m in modalities}
+    note_missing = getattr(note_fn, "missing", None)
     codes: dict[str, list[int]] = {a: [] for a in attributes}
     stored: dict[str, tuple[list[int], str]] = {}
     show = len(files) >= 2000 and log.isEnabledFor(logging.INFO)
     for path in tqdm(files, desc=desc, disable=not bars_enabled(show), leave=False):
         try:
-            info = scan_file(path, fmt, cfg.label_key, attributes, modalities, read_note, classes)
+            info = scan_file(
+                path, fmt, cfg.label_key, attributes, modalities, read_note, allow_missing, classes
+            )
         except BadFile as exc:
             problems.add(exc)
             continue
@@ -236,8 +255,15 @@ def scan_split(
         if text:
             assert note_fn is not None
             notes.append(note_fn(sample_id, info["note"]))
-        if not stored:
-            stored = info["stored"]
+        for m in modalities:
+            if fmt.modalities[m][0] == "text":
+                # the released fallback text stays in the batch; under `mask` it is not data
+                gone = allow_missing and note_missing is not None and note_missing(sample_id, info["note"])  # fmt: skip
+            else:
+                gone = m in info["absent"]
+            absent[m].append(bool(gone))
+        for m, value in info["stored"].items():
+            stored.setdefault(m, value)
     return Records(
         sample_ids=ids,
         paths=paths,
@@ -246,6 +272,7 @@ def scan_split(
         age=np.asarray(ages_out, dtype=np.float64),
         notes=notes if text else None,
         stored=stored,
+        present={m: ~np.asarray(a, dtype=bool) for m, a in absent.items() if any(a)},
     )
 
 
@@ -263,13 +290,18 @@ class _SubjectDataset(Dataset):
         self.labels = records.labels
         self.codes = records.codes
         self.extra = {"age": records.age}  # per-sample metadata that is not an attribute
+        # modality -> (N,) bool for the modalities some sample lacks (see Records.present)
+        self.present = {m: p for m, p in records.present.items() if m in self.modality_kinds}
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _meta(self, index: int) -> dict[str, Any]:
         codes = {a: int(c[index]) for a, c in self.codes.items()}
-        return {
+        meta: dict[str, Any] = {}
+        if self.present:
+            meta["present"] = {m: bool(p[index]) for m, p in self.present.items()}
+        return meta | {
             "label": int(self.labels[index]),
             "group": codes[self.train_attribute],
             "attributes": codes,
@@ -301,6 +333,10 @@ class NpzSubjectDataset(_SubjectDataset):
         with NpzReader(path) as z:
             for name, kind in self.modality_kinds.items():
                 key = self.keys[name]
+                if kind != "text" and name in self.present and not self.present[name][index]:
+                    # absent: zeros of the stored shape, which the model leaves out
+                    out[name] = torch.zeros(self.placeholder_shape(name), dtype=torch.uint8)
+                    continue
                 try:
                     if kind == "image":
                         out[name] = fundus_uint8(z.array(key), self.image_size, key)
@@ -312,6 +348,13 @@ class NpzSubjectDataset(_SubjectDataset):
                 except BadValue as exc:
                     raise BadFile(path, exc.where, exc.message) from None
         return out
+
+    def placeholder_shape(self, name: str) -> tuple[int, ...]:
+        """The uint8 shape an absent modality is filled with (what a present one yields)."""
+        size = self.image_size
+        if self.modality_kinds[name] == "volume":
+            return (self.oct_slices, size, size)
+        return (stored_channels(self.records.stored.get(name)), size, size)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.load_modalities(index)
@@ -611,6 +654,8 @@ def build_subject_bundle(
     )
     group_names.update({a: intersections.names(f) for a, f in fitted.items()})
     datasets: dict[str, Dataset] = {}
+    dropped: dict[str, int] = {}
+    absent_counts: dict[str, dict[str, int]] = {}
     for split in files:
         rec = records[split]
         rec.codes = {
@@ -620,6 +665,22 @@ def build_subject_bundle(
         rec, kept = apply_unknown_policy(rec, cfg, split, cfg.attribute)
         if len(rec) == 0:
             raise UserError(f"{root}: the {split} split is empty after data.unknown={cfg.unknown}")
+        # missing modalities (data.missing_modalities), over the modalities this run reads
+        have = {m: rec.present.get(m, np.ones(len(rec), dtype=bool)) for m in modalities}
+        ok, dropped[split] = missing_policy(
+            have,
+            cfg.missing_modalities,
+            lambda i, rec=rec: str(rec.paths[i]),
+            f"{cfg.kind} {root}",
+            split,
+        )
+        if not ok.all():
+            rec, kept = rec.take(np.flatnonzero(ok)), kept[ok]
+        if len(rec) == 0:
+            raise UserError(f"{root}: the {split} split is empty after data.missing_modalities")
+        absent_counts[split] = {
+            m: int((~rec.present[m]).sum()) if m in rec.present else 0 for m in modalities
+        }
         if source == "cache":
             datasets[split] = CachedSubjectDataset(
                 rec,
@@ -643,4 +704,9 @@ def build_subject_bundle(
         source=source,
         skipped=[p.as_dict() for p in problems.items],
         intersections=fitted,
+        missing={
+            "policy": cfg.missing_modalities,
+            "absent": absent_counts,
+            "dropped": dropped,
+        },
     )

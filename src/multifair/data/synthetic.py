@@ -113,6 +113,11 @@ class SynthKnobs(BaseModel):
     fundus_shape: list[int] | None = None  # (H, W)
     n_classes: int = Field(2, ge=2, le=6)  # > 2: a multi-class (ordered stage) label
     oct_shape: list[int] | None = None  # (D, H, W)
+    # modality -> the share of samples that LACK it: one rate, or three (Asian, Black, White)
+    # for missingness that differs by group. Written so the files really lack it: a table's
+    # block all empty, an npz without the array, an empty note. A sample never loses every
+    # modality (it then keeps the one its group misses least).
+    missing: dict[str, list[float]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> SynthKnobs:
@@ -124,6 +129,11 @@ class SynthKnobs(BaseModel):
                 raise ValueError(f"signal: {m!r} is not a {self.flavour} modality {list(names)}")
             if len(values) not in (1, 3):
                 raise ValueError(f"signal.{m}: give one value or three (Asian, Black, White)")
+        for m, rates in self.missing.items():
+            if m not in names:
+                raise ValueError(f"missing: {m!r} is not a {self.flavour} modality {list(names)}")
+            if len(rates) not in (1, 3) or not all(0 <= r <= 1 for r in rates):
+                raise ValueError(f"missing.{m}: one rate or three (Asian, Black, White) in [0, 1]")
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6):
             raise ValueError("split: three fractions (train, val, test) summing to 1")
         if self.degenerate is not None:
@@ -571,6 +581,7 @@ def generate(
     n = k.n or sizes["n"]
     rng = np.random.default_rng(k.seed)
     pop = draw_population(k, n, rng)
+    pop["missing"] = draw_missing(k, pop["race_true"])
     writer: Callable[..., dict[str, Any]] = {
         "fairvision": _write_fairvision,
         "fairvlmed": _write_fairvlmed,
@@ -608,12 +619,36 @@ def generate(
                 "race": int(pop["race_true"][i]),
                 "alt_pattern": bool(k.scenario == "minority_pattern" and minority[i]),
                 "latent": {m: round(float(v[i]), 5) for m, v in pop["latents"].items()},
+                **(
+                    {"missing": [m for m, a in pop["missing"].items() if a[i]]} if k.missing else {}
+                ),
             }
             for i, sid in enumerate(_ids(k, n))
         ],
     }
     (out / "synth_meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
+
+
+def draw_missing(k: SynthKnobs, race: np.ndarray) -> dict[str, np.ndarray]:
+    """modality -> (N,) bool, True where the sample lacks it (the `missing` knob, by true race
+    group; its own random stream, so the rest of the data is the same with or without it)."""
+    names = list(MODALITIES[k.flavour])
+    if not k.missing:
+        return {m: np.zeros(len(race), dtype=bool) for m in names}
+    rng = np.random.default_rng([k.seed, 10**9 + 2])
+    rates = {}
+    for m in names:
+        given = k.missing.get(m, [0.0])
+        rates[m] = np.asarray(given * 3 if len(given) == 1 else given, dtype=float)  # (3,)
+    draws = rng.random((len(names), len(race)))  # (M, N)
+    absent = np.stack([draws[j] < rates[m][race] for j, m in enumerate(names)])  # (M, N)
+    none_left = absent.all(0)
+    if none_left.any():  # keep the modality the sample's group misses least
+        table = np.stack([rates[m] for m in names])  # (M, 3)
+        keep = table.argmin(0)[race[none_left]]
+        absent[keep, np.flatnonzero(none_left)] = False
+    return {m: absent[j] for j, m in enumerate(names)}
 
 
 def _ids(k: SynthKnobs, n: int) -> list[str]:
@@ -669,11 +704,14 @@ def _write_fairvision(
         stats["fundus"].append(fundus_statistic(fundus, alt))
         stats["oct"].append(oct_statistic(volume))
         split = pop["split"][i]
+        images = {"slo_fundus": _fundus_dtype(fundus, k.fundus_dtype), "oct_bscans": volume}
+        for m, key in (("fundus", "slo_fundus"), ("oct", "oct_bscans")):
+            if pop["missing"][m][i]:  # the `missing` knob: no such array in the file
+                del images[key]
         _save_npz(
             folders[split] / f"{ids[i]}.npz",
             k.compress,
-            slo_fundus=_fundus_dtype(fundus, k.fundus_dtype),
-            oct_bscans=volume,
+            **images,
             **_label_keys(k, int(pop["label"][i]), r),
             race=_race_value(int(pop["race_obs"][i]), k.race_codes == "legacy"),
             male=np.array(int(attrs["gender"][i])),
@@ -749,13 +787,16 @@ def _write_fairvlmed(
         )
         if r.random() < k.empty_note_rate:
             note, summary = str(r.choice(["", "n/a", "nan"])), ""
+        if pop["missing"]["note"][i]:  # the `missing` knob: no note written
+            note, summary = "", ""
         stats["fundus"].append(fundus_statistic(fundus, alt))
         stats["note"].append(note_statistic(note))
         split = pop["split"][i]
+        images = {} if pop["missing"]["fundus"][i] else {"slo_fundus": _fundus_dtype(fundus, k.fundus_dtype)}  # fmt: skip
         _save_npz(
             folders[split] / f"{ids[i]}.npz",
             k.compress,
-            slo_fundus=_fundus_dtype(fundus, k.fundus_dtype),
+            **images,
             glaucoma=np.array(int(pop["label"][i])),
             gender=np.array(int(attrs["gender"][i])),
             race=_race_value(int(pop["race_obs"][i]), k.race_codes == "legacy"),
@@ -843,6 +884,12 @@ def _write_table(
     frame["statin"] = np.where(mrng.random(n) < 0.3, "t", "f")
     frame["insurance"] = mrng.choice(["public", "private", "none"], size=n, p=[0.5, 0.4, 0.1])
     frame.loc[mrng.random(n) < 0.03, "insurance"] = np.nan
+    blocks = {
+        "A": [f"a{j + 1:02d}" for j in range(N_A)] + ["smoker", "site"],
+        "B": [f"b{j + 1:02d}" for j in range(N_B)] + ["statin", "insurance"],
+    }
+    for m, columns in blocks.items():  # the `missing` knob: the whole block not measured
+        frame.loc[pop["missing"][m], columns] = np.nan
     csv = out / "table.csv"
     frame.to_csv(csv, index=False, encoding="utf-8-sig" if k.csv_bom else "utf-8")
     config = {
@@ -861,10 +908,7 @@ def _write_table(
                 "sex": {"column": "sex", "names": {"F": "Female", "M": "Male"}},
                 "age": {"column": "age", "bins": [60, 70]},
             },
-            "columns": {
-                "A": {"columns": [f"a{j + 1:02d}" for j in range(N_A)] + ["smoker", "site"]},
-                "B": {"columns": [f"b{j + 1:02d}" for j in range(N_B)] + ["statin", "insurance"]},
-            },
+            "columns": {m: {"columns": columns} for m, columns in blocks.items()},
             "split": {"column": "use"},
             "id_column": "patient_id",
             "num_workers": 0,

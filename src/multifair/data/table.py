@@ -37,7 +37,13 @@ from torch.utils.data import Dataset
 
 from multifair.csvcheck import check_csv_header
 from multifair.data import cache, intersections
-from multifair.data.bundle import DataBundle, ModalitySpec, check_state, state_group_names
+from multifair.data.bundle import (
+    DataBundle,
+    ModalitySpec,
+    check_state,
+    missing_policy,
+    state_group_names,
+)
 from multifair.data.config import (
     SPLITS,
     AttributeColumn,
@@ -555,7 +561,7 @@ class PathReader:
         self,
         modality: str,
         kind: str,
-        paths: Sequence[str],
+        paths: Sequence[str | None],
         key: str | None,
         image_size: int,
         oct_slices: int,
@@ -570,8 +576,14 @@ class PathReader:
     def __len__(self) -> int:
         return len(self.paths)
 
+    # shape of the zeros a row without a file gets (the model leaves it out: `present`)
+    placeholder: tuple[int, ...] | None = None
+
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.paths[index]
+        if path is None:
+            assert self.placeholder is not None, "set PathReader.placeholder for absent rows"
+            return torch.zeros(self.placeholder, dtype=torch.uint8)
         arr = read_array(path, self.key)
         try:
             if self.kind == "image":
@@ -606,7 +618,10 @@ class MappedRows:
         if self._pid != os.getpid():
             self._map, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
         assert self._map is not None
-        return torch.from_numpy(np.array(self._map[self.rows[index]]))
+        row = self.rows[index]
+        if row < 0:  # the sample lacks this modality: placeholder zeros (`present` is False)
+            return torch.zeros(self._map.shape[1:], dtype=torch.uint8)
+        return torch.from_numpy(np.array(self._map[row]))
 
 
 class TableDataset(Dataset):
@@ -624,7 +639,9 @@ class TableDataset(Dataset):
         images: dict[str, PathReader | MappedRows],
         texts: dict[str, list[str]],
         order: Sequence[str],
+        present: dict[str, np.ndarray] | None = None,
     ) -> None:
+        self.present = present or {}  # modality -> (N,) bool, only modalities with an absence
         self.sample_ids = sample_ids
         self.labels = labels
         self.codes = codes
@@ -647,6 +664,8 @@ class TableDataset(Dataset):
             else:
                 sample[m] = self.images[m][index]
         codes = {a: int(c[index]) for a, c in self.codes.items()}
+        if self.present:
+            sample["present"] = {m: bool(p[index]) for m, p in self.present.items()}
         sample.update(
             label=int(self.labels[index]),
             group=codes[self.train_attribute],
@@ -691,21 +710,33 @@ def read_array(path: str, key: str | None) -> np.ndarray:
 
 # ---- image/volume path columns and their cache -------------------------------------------------
 def resolve_paths(
-    values: Sequence[Any], column: str, base: Path
+    values: Sequence[Any], column: str, base: Path, allow_missing: bool = False
 ) -> tuple[list[str | None], list[str]]:
     """The file each row's path cell names (relative paths: from the table's folder); an empty
-    cell is None and a row error."""
+    cell is None and a row error. With `allow_missing` (a missing modality is allowed) an
+    empty cell or a file that does not exist is None without an error: the row lacks it."""
     files: list[str | None] = []
     errors = [""] * len(values)
     for i, raw in enumerate(values):
         key = _raw_key(raw)
         if key is None:
-            errors[i] = f"row {i}: column {column!r}: empty path"
+            if not allow_missing:
+                errors[i] = f"row {i}: column {column!r}: empty path"
             files.append(None)
             continue
         path = Path(key)
-        files.append(str(path if path.is_absolute() else base / path))
+        path = path if path.is_absolute() else base / path
+        files.append(None if allow_missing and not path.exists() else str(path))
     return files, errors
+
+
+def tabular_absent(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """(N,) bool: rows where every column of a tabular modality is missing (NaN, empty, a
+    sentinel already turned missing) - the modality was not measured for that sample."""
+    absent = np.ones(len(frame), dtype=bool)
+    for column in columns:
+        absent &= np.array([_raw_key(v) is None for v in frame[column].tolist()], dtype=bool)
+    return absent
 
 
 def unique_files(files: Sequence[str | None]) -> list[str]:
@@ -781,7 +812,9 @@ def prepare_image_cache(
     stores = []
     for m in modalities:
         mod = cfg.columns[m]
-        files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base)
+        # an empty cell or absent file is a missing modality (not cached) unless `impute`
+        allow_missing = cfg.missing_modalities != "impute"
+        files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base, allow_missing)
         reader = PathReader(m, mod.kind, unique_files(files), mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
         shape = _stored_shape(reader, cfg.skip_bad, source)
         stores.append(cache.RowStore(m, cache.fingerprint_files(base, reader.paths), {m: shape}, reader))  # fmt: skip
@@ -921,8 +954,9 @@ def build(
     # image/volume path columns: the file of each row, read from the cache when it holds them
     image_mods = [m for m in order if cfg.columns[m].kind in ("image", "volume")]
     files: dict[str, list[str | None]] = {}
+    allow_missing = cfg.missing_modalities != "impute"  # impute: an empty path stays a bad row
     for m in image_mods:
-        files[m], errs = resolve_paths(frame[cfg.columns[m].column].tolist(), cfg.columns[m].column, base)  # fmt: skip
+        files[m], errs = resolve_paths(frame[cfg.columns[m].column].tolist(), cfg.columns[m].column, base, allow_missing)  # fmt: skip
         merge(errs)
     stores = find_image_cache(cfg, base, files) if image_mods else None
     if stores is not None:
@@ -960,6 +994,31 @@ def build(
         )
     keep = ~bad & (~unknown if cfg.unknown == "drop" else True)
 
+    # missing modalities: which rows have each modality (data.missing_modalities)
+    present_all: dict[str, np.ndarray] = {}
+    for m in order:
+        mod = cfg.columns[m]
+        if mod.kind == "tabular":
+            absent = tabular_absent(frame, mod.columns)  # type: ignore[arg-type]
+        elif mod.kind == "text":
+            absent = np.array([_raw_key(v) is None for v in frame[mod.column].tolist()])
+        else:
+            absent = np.array([f is None for f in files[m]], dtype=bool)
+        if cfg.missing_modalities == "impute" and mod.kind != "image" and mod.kind != "volume":
+            absent = np.zeros(len(frame), dtype=bool)  # median cells / "" text fed as data
+        present_all[m] = ~absent
+    dropped: dict[str, int] = {}
+    for split in sorted(set(assignment[keep].tolist())):
+        rows = np.flatnonzero(keep & (assignment == split))
+        ok, dropped[split] = missing_policy(
+            {m: p[rows] for m, p in present_all.items()},
+            cfg.missing_modalities,
+            lambda i, rows=rows: f"row {int(rows[i])}",
+            source,
+            split,
+        )
+        keep[rows[~ok]] = False
+
     # fit features on the (good) training rows only
     if state is None:
         train_rows = keep & (assignment == "train")
@@ -992,6 +1051,20 @@ def build(
         if cfg.id_column
         else [f"row_{i:05d}" for i in range(len(frame))]
     )
+    # the shape of an absent image/volume's placeholder: that of a present file's tensor
+    placeholders: dict[str, tuple[int, ...] | None] = {}
+    for m in image_mods:
+        mod = cfg.columns[m]
+        first = next((files[m][i] for i in np.flatnonzero(keep) if files[m][i] is not None), None)
+        if first is None:
+            raise UserError(f"{source}: no row has a file in column {mod.column!r} ({m})")
+        probe = PathReader(m, mod.kind, [first], mod.key, cfg.image_size, cfg.oct_slices)
+        placeholders[m] = (
+            tuple(probe[0].shape)
+            if stores is None
+            else tuple(np.load(stores[m].arrays[m], mmap_mode="r").shape[1:])
+        )
+    absent_counts: dict[str, dict[str, int]] = {}
     datasets: dict[str, Dataset] = {}
     for split in splits:
         rows = np.flatnonzero(keep & (assignment == split))
@@ -1008,13 +1081,16 @@ def build(
         for m in order:
             mod = cfg.columns[m]
             if mod.kind in ("image", "volume"):
-                split_files = [str(files[m][i]) for i in rows]
+                split_files = [files[m][i] for i in rows]
                 if stores is None:
-                    images[m] = PathReader(m, mod.kind, split_files, mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
+                    reader = PathReader(m, mod.kind, split_files, mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
+                    reader.placeholder = placeholders[m]
+                    images[m] = reader
                 else:
                     at = {f: r for r, f in enumerate(unique_files(files[m]))}
                     images[m] = MappedRows(
-                        stores[m].arrays[m], np.array([at[f] for f in split_files])
+                        stores[m].arrays[m],
+                        np.array([-1 if f is None else at[f] for f in split_files]),
                     )
             elif mod.kind == "text":
                 texts[m] = [
@@ -1029,7 +1105,9 @@ def build(
             images,
             texts,
             order,
+            present={m: p[rows] for m, p in present_all.items() if not p[rows].all()},
         )
+        absent_counts[split] = {m: int((~present_all[m][rows]).sum()) for m in order}
     modalities: dict[str, ModalitySpec] = {}
     s = cfg.image_size
     for m in order:
@@ -1040,8 +1118,7 @@ def build(
                 m, "tabular", (len(names),), len(names), (len(names),), "float32", tuple(names)
             )
         elif mod.kind == "image":
-            first = next(iter(datasets.values()))
-            c = int(first.images[m][0].shape[0])  # type: ignore[attr-defined]
+            c = int(placeholders[m][0])  # type: ignore[index]
             modalities[m] = ModalitySpec(
                 m, "image", (cfg.channels, s, s), cfg.channels, (c, s, s), "uint8"
             )
@@ -1063,4 +1140,9 @@ def build(
         skipped=skipped,
         fitted=fitted_all,
         intersections=fitted_groups,
+        missing={
+            "policy": cfg.missing_modalities,
+            "absent": absent_counts,
+            "dropped": {k: v for k, v in dropped.items() if k in splits},
+        },
     )

@@ -18,7 +18,7 @@ import html
 import json
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,13 @@ from multifair.metrics import (
     SINGLE_CLASS_POLICIES,
     UNKNOWN_POLICIES,
     encode_groups,
+    format_missingness,
     format_table,
     intersect,
     summarize,
+    summarize_missingness,
 )
+from multifair.training.inference import PRESENT_PREFIX
 
 __all__ = ["Predictions", "add_parser", "demo_predictions", "load_predictions", "run"]
 
@@ -119,6 +122,9 @@ class Predictions:
     sensitive_features: dict[str, np.ndarray]  # attribute -> (n,) int64, -1 = unknown
     group_names: dict[str, dict[int, str]]
     classes: list[str] | None = None  # multi-class: the class names, in score column order
+    # modality -> (n,) bool, from `present_<modality>` columns (a run on data with missing
+    # modalities writes them): the audit then adds metrics per missingness pattern
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _line(i: int) -> int:
@@ -185,7 +191,7 @@ def load_predictions(
             f"{path}: {label!r} holds only {y_true[0]}s; AUC is undefined without both classes"
         )
     features, names = _attribute_codes(path, frame, attributes)
-    return Predictions(y_true, scores, features, names)
+    return Predictions(y_true, scores, features, names, present=_presence(path, frame))
 
 
 def _load_multiclass(
@@ -229,7 +235,9 @@ def _load_multiclass(
     if len(np.unique(y_true)) < 2:
         raise UserError(f"{path}: {label!r} holds a single class; AUC is undefined")
     features, names = _attribute_codes(path, frame, attributes)
-    return Predictions(y_true, scores, features, names, classes=classes)
+    return Predictions(
+        y_true, scores, features, names, classes=classes, present=_presence(path, frame)
+    )
 
 
 def _attribute_codes(
@@ -244,6 +252,23 @@ def _attribute_codes(
             code_names = code_names | _names_from_column(frame, codes, name_col, path)
         features[attribute], names[attribute] = codes, code_names
     return features, names
+
+
+def _presence(path: Path, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """modality -> (n,) bool from the `present_<modality>` columns (0/1); {} without any."""
+    present = {}
+    for column in frame.columns:
+        if str(column).startswith(PRESENT_PREFIX):
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+            bad = ~np.isin(values, (0.0, 1.0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise UserError(
+                    f"{path} line {_line(i)}: {column!r} {_cell(frame, str(column), i)}; "
+                    "presence columns must be 0 or 1"
+                )
+            present[str(column)[len(PRESENT_PREFIX) :]] = values.astype(bool)
+    return present
 
 
 def _names_from_column(
@@ -388,6 +413,16 @@ def run(args: argparse.Namespace) -> int:
         class_names=preds.classes,
     )
     table = format_table(summary)
+    if preds.present:  # per missingness pattern, and missingness rates by group
+        summary["missingness"] = summarize_missingness(
+            preds.y_true,
+            preds.y_score,
+            preds.present,
+            sensitive_features=features,
+            group_names=names,
+            threshold=args.threshold,
+        )
+        table += "\n\n" + format_missingness(summary["missingness"])
     print(table)
 
     with writing(out / "metrics.json"):

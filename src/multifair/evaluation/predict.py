@@ -75,8 +75,14 @@ def load_run(
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     dev = resolve_device(device)
     specs = {m: data.modalities[m] for m in modalities}
+    # the learned missing tokens exist when the run was trained on data with missing modalities
+    missing = "missing_tokens" in state.get("model", {})
     model = build_model(
-        cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
+        cfg.model,
+        specs,
+        dataset_modalities=list(data.modalities),
+        n_classes=data.n_classes,
+        missing=missing,
     ).to(dev)
     method = build_method(cfg.method.name, params, modalities, data.n_groups, data.n_classes)
     method.setup(model)

@@ -526,6 +526,44 @@ def _ci(bounds: Any) -> str:
     return ""
 
 
+def _missingness_section(missingness: dict) -> str:
+    """Test metrics per missingness pattern and the missing rates by group (missing
+    modalities; `metrics.summarize_missingness`)."""
+    parts = ["<h2>Test metrics by missingness pattern</h2>"]
+    for attribute, rates in missingness["rates"].items():
+        modalities = missingness["modalities"]
+        parts.append(f"<h3>Share lacking each modality, by {_esc(attribute)}</h3>")
+        parts.append(
+            _table(
+                ["group", "n", *modalities],
+                [
+                    [r["name"], r["n"], *(f"{100 * r['missing'][m]:.1f}%" for m in modalities)]
+                    for r in rates
+                ],
+            )
+        )
+        names = [r["name"] for r in rates]
+        rows = []
+        for p in missingness["patterns"]:
+            entry = p["attributes"].get(attribute, {"es_auc": None, "groups": []})
+            by_name = {g["name"]: g for g in entry["groups"]}
+            rows.append(
+                [
+                    p["pattern"],
+                    p["n"],
+                    _f(p["auc"], 3),
+                    _f(entry["es_auc"], 3),
+                    *(
+                        f"{_f(by_name[n]['auc'], 3)} (n={by_name[n]['n']})" if n in by_name else "-"
+                        for n in names
+                    ),
+                ]
+            )
+        parts.append(f"<h3>By pattern, groups of {_esc(attribute)}</h3>")
+        parts.append(_table(["pattern", "n", "AUC", "ES-AUC", *names], rows))
+    return "\n".join(parts)
+
+
 def render_run_report(run_dir: str | Path) -> str:
     """The HTML report of one run directory (docs/architecture.md layout)."""
     run_dir = Path(run_dir)
@@ -567,6 +605,9 @@ def render_run_report(run_dir: str | Path) -> str:
         body.append(_intersection_section(name, fitted))
     if "test" in metrics:
         body.append("<h2>Test metrics</h2>" + _summary_tables(metrics["test"]))
+    missingness = (metrics.get("test") or {}).get("missingness")
+    if missingness:
+        body.append(_missingness_section(missingness))
     if "val" in metrics:
         body.append(
             "<h2>Validation metrics (selected checkpoint)</h2>" + _summary_tables(metrics["val"])

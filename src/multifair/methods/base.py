@@ -42,7 +42,36 @@ from multifair.registry import Registry
 METHODS: Registry[type[Method]] = Registry("method")
 
 # Keys of a batch that are not modalities.
-RESERVED_KEYS = frozenset({"label", "group", "attributes", "sample_id", "index"})
+RESERVED_KEYS = frozenset({"label", "group", "attributes", "sample_id", "index", "present"})
+
+
+def presence(batch: Mapping[str, Any], modality: str) -> Tensor | None:
+    """batch["present"][modality] (B,) bool, or None when every sample has the modality (the
+    batch carries `present` only for data with missing modalities)."""
+    present = batch.get("present")
+    return None if present is None else present.get(modality)
+
+
+def masked_ce(logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean cross-entropy over the samples where `mask` (B,) is True (all when None); 0 when
+    none is. A per-modality loss on a sample that lacks the modality would train on the
+    placeholder the encoder ran on."""
+    if mask is None:
+        return nn.functional.cross_entropy(logits.float(), labels)
+    per_sample = nn.functional.cross_entropy(logits.float(), labels, reduction="none")  # (B,)
+    weight = mask.to(per_sample.dtype)
+    return (per_sample * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def aux_loss(out: ModelOutput, batch: Mapping[str, Any]) -> Tensor:
+    """sum_m CE(C_m(h_m), y) over the samples that have modality m."""
+    y = batch["label"]
+    return sum(masked_ce(u, y, presence(batch, m)) for m, u in out.aux_logits.items())  # type: ignore[return-value]
+
+
+def supporting_methods() -> list[str]:
+    """The registered methods that train on data with missing modalities."""
+    return [name for name in METHODS.names() if METHODS.get(name).supports_missing]
 
 
 @dataclass
@@ -109,6 +138,10 @@ class Method(nn.Module):
     # Methods that read per-modality step-size factors need one optimizer group per encoder
     # (the trainer always builds them; this flag only documents the intent).
     acts_on_step_size: ClassVar[bool] = False
+    # Methods whose per-modality signals and losses use only the samples that have the
+    # modality (batch["present"]) set this; the trainer refuses the others on data with
+    # missing modalities (`data.missing_modalities: mask`).
+    supports_missing: ClassVar[bool] = False
 
     @classmethod
     def check_classes(cls, params: MethodParams, n_classes: int) -> None:
@@ -127,6 +160,11 @@ class Method(nn.Module):
         self.modalities = list(modalities)
         self.n_groups = n_groups
 
+    def check_missing(self, has_missing: bool) -> None:
+        """Called by the trainer once the data is known: refuse (UserError naming the method
+        and the option) a configuration that cannot handle missing modalities. Default:
+        nothing (the class flag `supports_missing` is checked before)."""
+
     def setup(self, model: nn.Module) -> None:
         """Called once by the trainer after the model is built and before the optimizer and
         any checkpoint load: create learnable parameters or buffers whose shapes depend on the
@@ -141,7 +179,7 @@ class Method(nn.Module):
         """Task CE on the fused logits plus the auxiliary heads' CE (which only train C_i)."""
         y = batch["label"]
         task = nn.functional.cross_entropy(out.logits.float(), y)
-        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        aux = aux_loss(out, batch)  # each C_m on the samples that have modality m
         total = task + aux
         return LossOutput(total, {"task": task.detach(), "aux": torch.as_tensor(aux).detach()})
 

@@ -23,6 +23,8 @@ from multifair.methods.signals import apply_encoder_factors, constant_factors, u
 class ERM(Method):
     """Plain joint training: the base `Method` behaviour, registered under its own name."""
 
+    supports_missing = True  # the auxiliary CE is over the samples that have the modality
+
 
 class GradFactorParams(MethodParams):
     """`factors`: modality -> constant gradient multiplier (> 0); missing modalities keep 1."""

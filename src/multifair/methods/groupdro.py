@@ -31,6 +31,7 @@ from multifair.methods.base import (
     MethodParams,
     ModelOutput,
     StepContext,
+    aux_loss,
 )
 from multifair.methods.signals import group_masks
 
@@ -45,6 +46,7 @@ class GroupDRO(Method):
     """Weights each group's loss by q_g, which grows exponentially with that group's loss."""
 
     Params = GroupDROParams
+    supports_missing = True  # auxiliary CE over the samples that have the modality
     params: GroupDROParams
 
     @classmethod
@@ -84,7 +86,7 @@ class GroupDRO(Method):
 
         q = self.q.clone()  # a snapshot for the log: the buffer moves on next step
         robust = (q * group_loss).sum()
-        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        aux = aux_loss(out, batch)  # each C_m on the samples that have m
         parts = {"task": per_sample.mean().detach(), "robust": robust.detach(), "aux": aux.detach()}
         signals = {f"q/{g}": q[g] for g in range(self.n_dro_groups)}
         signals.update({f"group_loss/{g}": global_loss[g] for g in range(self.n_dro_groups)})

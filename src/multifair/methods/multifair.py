@@ -36,6 +36,8 @@ from multifair.methods.base import (
     MethodParams,
     ModelOutput,
     StepContext,
+    masked_ce,
+    presence,
 )
 from multifair.methods.signals import (
     apply_encoder_factors,
@@ -89,6 +91,8 @@ class MultiFair(Method):
 
     Params = IntentParams
     released: ClassVar[bool] = False
+    # B_i, A_i, the group surrogates and L_aux use only the samples that have modality i
+    supports_missing = True
     params: ReleasedParams
 
     @classmethod
@@ -133,7 +137,8 @@ class MultiFair(Method):
 
         # 1-2. Task loss on the fused logits; auxiliary CE trains only C_i (detached h_i).
         task = nn.functional.cross_entropy(out.logits.float(), y)
-        aux_each = [nn.functional.cross_entropy(out.aux_logits[m].float(), y) for m in mods]
+        # each C_i on the samples that have modality i (all of them without missing modalities)
+        aux_each = [masked_ce(out.aux_logits[m], y, presence(batch, m)) for m in mods]
         total = task + torch.stack(aux_each).sum()
         parts = {"task": task.detach(), "aux": torch.stack(aux_each).sum().detach()}
 
@@ -157,14 +162,22 @@ class MultiFair(Method):
         }
         if group_level:
             columns["surrogate"] = scores_local.T  # (B, M)
+        if "present" in batch:  # missing modalities: per-modality signals on present samples
+            columns["present"] = torch.stack([batch["present"][m].float() for m in mods], 1)
         glob = gather_batch(ctx.gather, columns)
         y_all = glob["label"]  # (B_global,)
+        have_all = glob["present"].T > 0.5 if "present" in glob else None  # (M, B_global)
+        have_local = (
+            torch.stack([batch["present"][m] for m in mods]) if "present" in batch else None
+        )  # (M, B)
 
         signals: dict[str, Tensor] = {}
         factor = ones
         # 3-4. Modality balance B_i and direction alignment L_gm.
         if p.modality_level:
-            balance, auc_now = self._modality_balance(glob["aux_prob"].T, y_all, ctx.advance)
+            balance, auc_now = self._modality_balance(
+                glob["aux_prob"].T, y_all, ctx.advance, have_all
+            )
             gm = self._alignment_loss(net, out, y, aux_each, balance)
             parts["gm"] = gm.detach()
             if not self.released:
@@ -190,6 +203,8 @@ class MultiFair(Method):
                     y_all,
                     masks_all,
                     ctx.advance,
+                    have_local,
+                    have_all,
                 )
                 parts["fair"] = lf.detach()
                 if not self.released:
@@ -221,7 +236,7 @@ class MultiFair(Method):
         return logits
 
     def _modality_balance(
-        self, aux_prob: Tensor, y_all: Tensor, advance: bool
+        self, aux_prob: Tensor, y_all: Tensor, advance: bool, have: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Step 3. aux_prob (M, B_global). Returns (B_i (M,), A_i (M,)); updates A_i(t-1)
         in training when `advance` (the step's last micro-batch).
@@ -231,7 +246,7 @@ class MultiFair(Method):
         when no AUC moved (S = 0, e.g. a one-class batch): then every B_i = 1 (a plain step)
         rather than 0 (frozen encoders).
         """
-        auc, valid = binary_auc(aux_prob, y_all)  # (M,)
+        auc, valid = binary_auc(aux_prob, y_all, have)  # (M,); have (M, B): present samples
         auc_now = torch.where(valid, auc, self.prev_auc)  # one-class batch: reuse A_i(t-1)
         change = (auc_now - self.prev_auc).abs()  # (M,)
         spread = change.sum() + 1e-8
@@ -273,6 +288,8 @@ class MultiFair(Method):
         y_all: Tensor,
         masks_all: Tensor,
         advance: bool,
+        have_local: Tensor | None = None,
+        have_all: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Step 5. Updates the EMAs (in training when `advance`); returns (L_f, f_i (M,)).
 
@@ -283,9 +300,9 @@ class MultiFair(Method):
         """
         p = self.params
         form, temperature = self.surrogate, self.temperature
-        s_all, valid = pairwise_surrogate_auc(
-            scores_all, y_all, masks_all, form=form, temperature=temperature
-        )  # (M, G), (G,)
+        s_all, valid = _surrogate_by_modality(
+            scores_all, y_all, masks_all, have_all, form=form, temperature=temperature
+        )  # (M, G), (G,) or (M, G) with missing modalities
         prev = self.group_ema  # (M, G)
         if self.released:
             # Groups it cannot score enter the EMA as 0.5, as in the released code.
@@ -293,8 +310,8 @@ class MultiFair(Method):
             ema = p.ema * prev + (1 - p.ema) * s_new
         else:
             masks_local = group_masks(groups, self.n_groups)
-            s_local, _ = pairwise_surrogate_auc(
-                scores_local, y, masks_local, form=form, temperature=temperature
+            s_local, _ = _surrogate_by_modality(
+                scores_local, y, masks_local, have_local, form=form, temperature=temperature
             )
             s_new = s_all + (s_local - s_local.detach())
             # Absent or one-class groups keep their previous value.
@@ -340,9 +357,33 @@ class MultiFair(Method):
         return None
 
 
+def _surrogate_by_modality(
+    scores: Tensor,
+    labels: Tensor,
+    masks: Tensor,
+    have: Tensor | None,
+    *,
+    form: Literal["sigmoid", "logistic"],
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-group surrogate AUCs of each modality's scores (M, B) -> (M, G), valid. With
+    missing modalities (`have` (M, B) bool) modality i's groups hold only the samples that
+    have it, so valid is (M, G)."""
+    if have is None:
+        return pairwise_surrogate_auc(scores, labels, masks, form=form, temperature=temperature)
+    pieces = [
+        pairwise_surrogate_auc(
+            scores[i], labels, masks & have[i][:, None], form=form, temperature=temperature
+        )
+        for i in range(scores.shape[0])
+    ]
+    return torch.stack([p[0] for p in pieces]), torch.stack([p[1] for p in pieces])
+
+
 @METHODS.register("multifair_released")
 class MultiFairReleased(MultiFair):
     """MultiFair as the public code behaves (spec section 4), for reproduction."""
 
     Params = ReleasedParams
     released: ClassVar[bool] = True
+    supports_missing = False  # reproduces the released code, which has no missing modalities

@@ -84,6 +84,9 @@ from multifair.methods.base import (
     MethodParams,
     ModelOutput,
     StepContext,
+    aux_loss,
+    masked_ce,
+    presence,
 )
 from multifair.methods.estimators import require_model, unimodal_logits
 from multifair.methods.group_fusion import (
@@ -228,6 +231,8 @@ class MultiFairAdam(GroupStackingHook, Method):
 
     Params = MultiFairAdamParams
     acts_on_step_size = True
+    # levels, validation levels and unimodal losses use only the samples that have the modality
+    supports_missing = True
 
     @classmethod
     def check_classes(cls, params: MethodParams, n_classes: int) -> None:
@@ -264,6 +269,14 @@ class MultiFairAdam(GroupStackingHook, Method):
         self.group_stack: GroupStacking | None = None
         self.uses_attribute_at_test = params.group_fusion != "off"
         self.fits_after_selection = params.group_fusion == "stacking"
+
+    def check_missing(self, has_missing: bool) -> None:
+        if has_missing and self.params.group_fusion != "off":
+            raise UserError(
+                "method 'multifair_adam': group_fusion stacking mixes every modality head's score "
+                "for every sample and does not support missing modalities; set "
+                "method.group_fusion: off or data.missing_modalities to drop or impute"
+            )
 
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion == "stacking":
@@ -437,7 +450,12 @@ class MultiFairAdam(GroupStackingHook, Method):
 
         labels = np.asarray(preds.label)
         n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
-        aucs = [roc_auc(labels, preds.aux_scores[m]) for m in self.modalities]
+        # each head on the samples that have its modality (absent ones carry NaN scores)
+        aucs = []
+        for m in self.modalities:
+            scores = np.asarray(preds.aux_scores[m], dtype=float)
+            have = np.isfinite(scores)
+            aucs.append(roc_auc(labels[have], scores[have]) if have.any() else math.nan)
         if min(n_pos, n_neg) == 0 or not all(math.isfinite(a) for a in aucs):
             return {"val_levels": "skipped: the validation split lacks a class"}
         new = torch.tensor(aucs, dtype=self.val_level.dtype, device=self.val_level.device)
@@ -452,14 +470,20 @@ class MultiFairAdam(GroupStackingHook, Method):
         if self.params.group_weights == "off":
             base = super().loss(out, batch, ctx)  # task CE + auxiliary CE (trains only C_i)
         else:
-            base = self._group_weighted_loss(out, y, batch["group"])
+            base = self._group_weighted_loss(out, batch)
 
         # A_i on the global batch: aux margins and labels from all ranks, one collective.
         margins = torch.stack(
             [surrogate_scores(out.aux_logits[m], "sigmoid") for m in self.modalities]
         )
-        cols = gather_batch(ctx.gather, {"scores": margins.T, "label": y})  # (B_global, M)
-        auc, has_both = binary_auc(cols["scores"].T, cols["label"])  # (M,), (M,)
+        columns = {"scores": margins.T, "label": y}
+        if "present" in batch:  # missing modalities: A_i over the samples that have modality i
+            columns["present"] = torch.stack(
+                [batch["present"][m].float() for m in self.modalities], 1
+            )  # (B, M)
+        cols = gather_batch(ctx.gather, columns)  # (B_global, M)
+        have = cols["present"].T > 0.5 if "present" in cols else None  # (M, B_global)
+        auc, has_both = binary_auc(cols["scores"].T, cols["label"], have)  # (M,), (M,)
         # Validation passes (no grad / eval mode) read the state but never advance it.
         update = self.training and torch.is_grad_enabled() and ctx.advance
         in_trial = ctx.step < self.params.trial * ctx.total_steps
@@ -478,16 +502,16 @@ class MultiFairAdam(GroupStackingHook, Method):
             # each modality's own CE through its auxiliary head on the ATTACHED feature: it
             # trains the encoder (MMPareto's unimodal loss, summed without the Pareto weights)
             uni = unimodal_logits(require_model(ctx), out, "aux", grad=True)
-            unimodal = sum(nn.functional.cross_entropy(u.float(), y) for u in uni.values())
+            unimodal = sum(masked_ce(u, y, presence(batch, m)) for m, u in uni.items())
             total = total + self.params.unimodal_weight * unimodal
             parts["unimodal"] = torch.as_tensor(unimodal).detach()
         return LossOutput(total, parts, signals)
 
-    def _group_weighted_loss(self, out: ModelOutput, y: Tensor, groups: Tensor) -> LossOutput:
+    def _group_weighted_loss(self, out: ModelOutput, batch: Mapping[str, Any]) -> LossOutput:
         """Task CE with each sample weighted by its group's `group_weight` (unknown: 1), plus
-        the auxiliary heads' plain CE."""
-        task = group_weighted_ce(out.logits, y, groups, self.group_weight)
-        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        the auxiliary heads' plain CE (each over the samples that have its modality)."""
+        task = group_weighted_ce(out.logits, batch["label"], batch["group"], self.group_weight)
+        aux = aux_loss(out, batch)
         return LossOutput(task + aux, {"task": task.detach(), "aux": torch.as_tensor(aux).detach()})
 
     def lr_factors(self, loss: LossOutput, ctx: StepContext) -> dict[str, Tensor]:

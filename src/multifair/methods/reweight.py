@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from multifair.methods.base import (
     METHODS,
@@ -32,6 +32,7 @@ from multifair.methods.base import (
     MethodParams,
     ModelOutput,
     StepContext,
+    aux_loss,
 )
 from multifair.methods.signals import group_masks, group_weighted_ce
 
@@ -53,6 +54,7 @@ class Reweight(Method):
     """ERM with each sample's loss weighted by its group's inverse frequency ** power."""
 
     Params = ReweightParams
+    supports_missing = True  # auxiliary CE over the samples that have the modality
     params: ReweightParams
 
     def __init__(self, params: ReweightParams, modalities: list[str], n_groups: int) -> None:
@@ -78,6 +80,6 @@ class Reweight(Method):
         self.counts.add_((1 - self.frozen) * batch_counts)
         weights = inverse_frequency_weights(self.counts, self.params.power)  # (G,)
         task = group_weighted_ce(out.logits, y, groups, weights)  # unknown group: weight 1
-        aux = sum(nn.functional.cross_entropy(u.float(), y) for u in out.aux_logits.values())
+        aux = aux_loss(out, batch)  # each C_m on the samples that have m
         signals = {f"weight/{g}": weights[g] for g in range(self.n_groups)}
         return LossOutput(task + aux, {"task": task.detach(), "aux": aux.detach()}, signals)

@@ -30,6 +30,7 @@ from multifair.metrics.fairness import (
     true_positive_rate_by_group,
 )
 from multifair.metrics.groups import encode_groups, group_name, intersect
+from multifair.metrics.missing import format_missingness, summarize_missingness
 from multifair.metrics.summary import summarize
 from multifair.metrics.table import format_table
 
@@ -51,6 +52,7 @@ __all__ = [
     "es_acc",
     "es_auc",
     "false_positive_rate_by_group",
+    "format_missingness",
     "format_table",
     "group_auc",
     "group_name",
@@ -60,6 +62,7 @@ __all__ = [
     "roc_auc",
     "selection_rate_by_group",
     "summarize",
+    "summarize_missingness",
     "true_positive_rate_by_group",
     "weighted_auc",
 ]

@@ -41,6 +41,7 @@ class MultimodalClassifier(nn.Module):
         layers: int = 2,
         dropout: float = 0.1,
         n_classes: int = 2,
+        missing: bool = False,
     ) -> None:
         super().__init__()
         if not encoders:
@@ -76,6 +77,13 @@ class MultimodalClassifier(nn.Module):
             ) from None
         self.fusion = build_fusion(fusion, dim, len(self.modalities), heads, layers, dropout)
         self.head = MLPHead(dim, n_classes, activation="gelu", dropout=dropout, norm=True)
+        # Learned per-modality "missing" token e_m (M, d), for data with missing modalities
+        # (`data.missing_modalities: mask`): it replaces an absent modality's token, so the
+        # placeholder the encoder ran on never reaches fusion. Created last and from zeros,
+        # so the other parameters' initialisation is the same with or without it.
+        self.missing_tokens = (
+            nn.Parameter(torch.zeros(len(self.modalities), dim)) if missing else None
+        )
 
     # ---- forward ---------------------------------------------------------------------------
     def encode(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -90,25 +98,45 @@ class MultimodalClassifier(nn.Module):
         return features
 
     def fuse(
-        self, features: Mapping[str, Tensor], present: Mapping[str, Presence] | None = None
+        self,
+        features: Mapping[str, Tensor],
+        present: Mapping[str, Presence] | None = None,
+        available: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fusion + head on the modality tokens -> (head_input (B, d), logits (B, C)).
 
         `present[m]` zeroes modality m's token (False, or a (B,) bool tensor False per sample,
         or a (B,) float weight), so methods can re-run fusion and head with modalities removed
         (unimodal estimates, DGL, PMR) without a host sync. Missing keys mean present.
+
+        `available[m]` (B,) bool is the DATA's presence (batch["present"]): where False the
+        token is replaced by the learned missing embedding and attention does not read it
+        (models/fusion.py), so whatever placeholder the encoder ran on has no effect.
         """
         if present is not None:
             unknown = set(present) - set(self.modalities)
             if unknown:
                 raise KeyError(f"present: unknown modalities {sorted(unknown)}")
         tokens = []
-        for m in self.modalities:
+        absent = []
+        for i, m in enumerate(self.modalities):
             h = features[m]  # (B, d)
+            if available is not None and m in available:
+                have = available[m].to(device=h.device, dtype=torch.bool)  # (B,)
+                filler = (
+                    self.missing_tokens[i].to(h.dtype)
+                    if self.missing_tokens is not None
+                    else torch.zeros((), dtype=h.dtype, device=h.device)
+                )
+                h = torch.where(have[:, None], h, filler)
+                absent.append(~have)
+            else:
+                absent.append(torch.zeros(h.shape[0], dtype=torch.bool, device=h.device))
             if present is not None and m in present:
                 h = _apply_presence(h, present[m])
             tokens.append(h)
-        fused = self.fusion(torch.stack(tokens, dim=1))  # (B, M, d) -> (B, d)
+        mask = torch.stack(absent, dim=1) if available is not None else None  # (B, M)
+        fused = self.fusion(torch.stack(tokens, dim=1), mask)  # (B, M, d) -> (B, d)
         head_input = self.head.body(fused)  # (B, d)
         return head_input, self.head.out(head_input)  # (B, d), (B, C)
 
@@ -117,7 +145,7 @@ class MultimodalClassifier(nn.Module):
         from multifair.methods.base import ModelOutput
 
         features = self.encode(batch)
-        head_input, logits = self.fuse(features)
+        head_input, logits = self.fuse(features, available=batch.get("present"))
         # C_i sees detached features: the auxiliary loss trains only C_i, never f_i.
         aux_logits = {m: self.aux_heads[m](h.detach()) for m, h in features.items()}
         return ModelOutput(logits, features, aux_logits, head_input)
@@ -144,7 +172,7 @@ class MultimodalClassifier(nn.Module):
     def other_parameters(self) -> list[nn.Parameter]:
         """Projections, fusion and head: everything that is neither f_i nor C_i."""
         taken = {id(p) for ps in self.modality_parameters().values() for p in ps}
-        taken |= {id(p) for p in self.aux_parameters()}
+        taken |= {id(p) for p in self.aux_parameters()}  # missing_tokens: here, with fusion
         return [p for p in self.parameters() if id(p) not in taken]
 
 

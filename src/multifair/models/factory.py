@@ -63,12 +63,14 @@ def build_model(
     *,
     dataset_modalities: Iterable[str] | None = None,
     n_classes: int = 2,
+    missing: bool = False,
 ) -> MultimodalClassifier:
     """Build the classifier for `modalities` (name -> ModalitySpec-like: `.kind`, `.shape`,
     optional `.channels`; or an iterable of specs with `.name`).
 
     `dataset_modalities` lists every modality of the dataset when the model uses a subset
     (unimodal training): encoder entries for those are then ignored instead of rejected.
+    `missing`: the data has missing modalities; the model gets learned missing tokens.
     """
     if cfg is None or isinstance(cfg, Mapping):
         cfg = validate(ModelConfig, dict(cfg or {}), source="model")
@@ -96,4 +98,5 @@ def build_model(
         layers=cfg.layers or preset.layers,
         dropout=preset.dropout if cfg.dropout is None else cfg.dropout,
         n_classes=n_classes,
+        missing=missing,
     )

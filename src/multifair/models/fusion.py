@@ -3,10 +3,19 @@
 `attention` is the released model's "multi-head attention fusion": a small transformer
 encoder (post-norm, GELU, feed-forward 4d) over the M tokens, first token's output.
 `concat` concatenates the tokens and maps them back to d with one Linear layer.
+
+Missing modalities (`absent` (B, M) bool, True where sample b lacks modality m): the
+classifier first replaces an absent token by its modality's learned "missing" embedding, so
+no placeholder content enters fusion. Attention then also excludes absent tokens as keys:
+a token attends to itself and to the present tokens only (masking its own key too would leave
+a missing first token with nothing to attend to). Concat keeps the slot, holding the learned
+embedding: its Linear layer learns what "m missing" means, which renormalising the present
+slots could not express (each slot has its own weights).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 FUSIONS = ("attention", "concat")
@@ -21,9 +30,16 @@ class AttentionFusion(nn.Module):
             dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.heads = heads
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.encoder(tokens)[:, 0]  # (B, M, d) -> (B, d)
+    def forward(self, tokens: Tensor, absent: Tensor | None = None) -> Tensor:
+        if absent is None:
+            return self.encoder(tokens)[:, 0]  # (B, M, d) -> (B, d)
+        m = tokens.shape[1]
+        eye = torch.eye(m, dtype=torch.bool, device=tokens.device)
+        blocked = absent[:, None, :] & ~eye  # (B, M, M): query i may not read absent key j != i
+        mask = blocked.repeat_interleave(self.heads, dim=0)  # (B * heads, M, M)
+        return self.encoder(tokens, mask=mask)[:, 0]  # (B, M, d) -> (B, d)
 
 
 class ConcatFusion(nn.Module):
@@ -33,7 +49,8 @@ class ConcatFusion(nn.Module):
         super().__init__()
         self.proj = nn.Linear(n_modalities * dim, dim)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, absent: Tensor | None = None) -> Tensor:
+        # absent tokens already hold the learned missing embedding (see the module docstring)
         return self.proj(tokens.flatten(1))  # (B, M, d) -> (B, M*d) -> (B, d)
 
 

@@ -137,8 +137,20 @@ def run_train(args: argparse.Namespace) -> int:
             f"{result.metrics['select_by']}; test split:"
         )
         print(format_table(result.metrics["test"]))
+        _print_missingness(result.metrics["test"], result.metrics.get("attribute"))
         print(f"\nrun directory: {result.run_dir}")
     return 0
+
+
+def _print_missingness(summary: dict, attribute: str | None) -> None:
+    """With missing modalities: the test metrics per missingness pattern, rates by group."""
+    if "missingness" not in summary:
+        return
+    from multifair.metrics import format_missingness
+
+    rates = summary["missingness"]["rates"]
+    print("\nby missingness pattern:")
+    print(format_missingness(summary["missingness"], attribute if attribute in rates else None))
 
 
 def _is_main() -> bool:
@@ -157,6 +169,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     print(f"{loaded.checkpoint} on split {args.split!r} ({len(preds)} samples):")
     print(format_table(summary))
+    _print_missingness(summary, loaded.cfg.data.attribute)
     if args.json:
         with writing(args.json):
             dump_json(summary, args.json)

@@ -102,6 +102,9 @@ class Predictions:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 codes, -1 unknown
     aux_scores: dict[str, np.ndarray] = field(default_factory=dict)  # per-modality aux heads
     classes: list[str] | None = None  # multi-class: the class names, in column order
+    # modality -> (N,) bool, only for data with missing modalities (an absent modality's aux
+    # score is NaN: its head read a placeholder)
+    present: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -126,6 +129,7 @@ def predict(
     parts: dict[str, list] = {"index": [], "sample_id": [], "label": [], "score": []}
     attrs: dict[str, list[np.ndarray]] = {}
     aux: dict[str, list[np.ndarray]] = {}
+    have: dict[str, list[np.ndarray]] = {}
     amp = (
         torch.autocast(device_type=device.type, dtype=amp_dtype)
         if amp_dtype is not None
@@ -136,8 +140,15 @@ def predict(
         with amp:
             out = method.forward(model, batch)
         parts["score"].append(_probabilities(out.logits))
+        present = raw.get("present") or {}
         for m, u in out.aux_logits.items():
-            aux.setdefault(m, []).append(_probabilities(u))
+            score = _probabilities(u)
+            if m in present:  # an absent modality's head read a placeholder: no score
+                keep = present[m].cpu().numpy()
+                score = np.where(keep if score.ndim == 1 else keep[:, None], score, np.nan)
+            aux.setdefault(m, []).append(score)
+        for m, p in present.items():
+            have.setdefault(m, []).append(p.cpu().numpy().astype(bool))
         n = out.logits.shape[0]
         parts["index"].append(_numpy(raw.get("index"), n, default=-1))
         parts["label"].append(_numpy(raw.get("label"), n, default=-1))
@@ -151,6 +162,7 @@ def predict(
         "score": _cat(parts["score"], np.float64),
         "attributes": {k: _cat(v, np.int64) for k, v in attrs.items()},
         "aux": {k: _cat(v, np.float64) for k, v in aux.items()},
+        "present": {k: _cat(v, bool) for k, v in have.items()},
     }
     if env.distributed:
         from multifair.training.distributed import all_gather_objects
@@ -165,6 +177,7 @@ def predict(
         attributes={k: v[order] for k, v in local["attributes"].items()},
         aux_scores={k: v[order] for k, v in local["aux"].items()},
         classes=None if classes is None else list(classes),
+        present={k: v[order] for k, v in local["present"].items()},
     )
 
 
@@ -204,6 +217,10 @@ def _merge(per_rank: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         },
         "aux": {
             k: np.concatenate([r["aux"][k] for r in per_rank])[keep] for k in per_rank[0]["aux"]
+        },
+        "present": {
+            k: np.concatenate([r["present"][k] for r in per_rank])[keep]
+            for k in per_rank[0]["present"]
         },
     }
 
@@ -251,7 +268,7 @@ def evaluate_predictions(
                 f"data.attribute={attribute!r}: fewer than two known groups in this split, so "
                 "group fairness metrics are undefined"
             )
-    return summarize(
+    summary = summarize(
         preds.label,
         preds.score,
         sensitive_features=features,
@@ -262,13 +279,24 @@ def evaluate_predictions(
         min_group_size=min_group_size,
         class_names=class_names(preds) if preds.score.ndim == 2 else None,
     )
+    if preds.present:  # missing modalities: metrics per missingness pattern, rates by group
+        from multifair.metrics import summarize_missingness
+
+        summary["missingness"] = summarize_missingness(
+            preds.label,
+            preds.score,
+            preds.present,
+            sensitive_features=features,
+            group_names=names_map(group_names),
+            threshold=threshold,
+        )
+    return summary
 
 
 def val_record(
     summary: Mapping[str, Any], attribute: str, preds: Predictions, modalities: Sequence[str]
 ) -> dict[str, Any]:
     """The compact validation entry of an epoch record in log.jsonl (docs/architecture.md)."""
-    from multifair.metrics import roc_auc
 
     entry = summary["attributes"][attribute]
     return {
@@ -281,14 +309,23 @@ def val_record(
         "deodds": entry["deodds"],
         # how well each auxiliary (single-modality) head does: modality imbalance at a glance
         "aux_auc": {
-            m: roc_auc(preds.label, preds.aux_scores[m])
+            m: _present_auc(preds.label, preds.aux_scores[m])
             for m in modalities
             if m in preds.aux_scores
         },
     }
 
 
+def _present_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUC over the samples with a score (an absent modality's aux score is NaN)."""
+    from multifair.metrics import roc_auc
+
+    have = np.isfinite(scores) if scores.ndim == 1 else np.isfinite(scores).all(axis=1)
+    return roc_auc(labels[have], scores[have]) if have.any() else float("nan")
+
+
 AUX_SCORE_PREFIX = "aux_score_"  # + modality: that modality's auxiliary head in predictions CSVs
+PRESENT_PREFIX = "present_"  # + modality: 1 if the sample has it (data with missing modalities)
 
 
 SCORE_PREFIX = "score_"  # + class name: multi-class probability columns, in class order
@@ -336,6 +373,8 @@ def predictions_frame(preds: Predictions, split: str, group_names: Mapping[str, 
                 cols[f"{AUX_SCORE_PREFIX}{modality}_{c}"] = scores[:, k]
         else:
             cols[f"{AUX_SCORE_PREFIX}{modality}"] = scores
+    for modality, have in preds.present.items():  # data with missing modalities: 1 = has it
+        cols[f"{PRESENT_PREFIX}{modality}"] = have.astype(np.int64)
     return pd.DataFrame(cols)
 
 

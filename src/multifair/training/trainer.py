@@ -42,7 +42,13 @@ from torch import Tensor, nn
 
 from multifair.console import bars_enabled
 from multifair.errors import Stopped, UserError
-from multifair.methods.base import LossOutput, Method, StepContext, build_method
+from multifair.methods.base import (
+    LossOutput,
+    Method,
+    StepContext,
+    build_method,
+    supporting_methods,
+)
 from multifair.training import checkpoint, distributed, run
 from multifair.training.config import TrainConfig, method_params, to_dict
 from multifair.training.distributed import DistEnv
@@ -372,10 +378,21 @@ def _train(
     method_cls = METHODS.get(cfg.method.name)
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     specs = {m: data.modalities[m] for m in modalities}
+    if data.has_missing and not method_cls.supports_missing:
+        raise UserError(
+            f"method {cfg.method.name!r} does not support missing modalities (some samples lack "
+            f"one: {data.describe_missing()}); use a method that does ({supporting_methods()}) "
+            "or set data.missing_modalities to drop or impute"
+        )
     model = build_model(
-        cfg.model, specs, dataset_modalities=list(data.modalities), n_classes=data.n_classes
+        cfg.model,
+        specs,
+        dataset_modalities=list(data.modalities),
+        n_classes=data.n_classes,
+        missing=data.has_missing,
     ).to(device)
     method = build_method(cfg.method.name, params, modalities, n_groups, data.n_classes)
+    method.check_missing(data.has_missing)  # options that cannot handle it refuse here
     method.setup(model)  # parameters whose shapes depend on the model (FIN)
     method.to(device)
     distributed.broadcast_state(model, env)
