@@ -31,6 +31,7 @@ from multifair.methods.group_fusion import (
     GroupFusionParams,
     GroupStacking,
     GroupStackingHook,
+    SharedStacking,
     build_stacking,
 )
 from multifair.methods.signals import group_masks, unwrap_model
@@ -77,15 +78,15 @@ class FIN(GroupStackingHook, Method):
     def __init__(self, params: FINParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
-        self.group_stack: GroupStacking | None = None
-        self.fits_after_selection = params.group_fusion == "stacking"
+        self.group_stack: GroupStacking | SharedStacking | None = None
+        self.fits_after_selection = params.group_fusion != "off"
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)
         device = next(model.parameters()).device
         self.normalizer = FairIdentityNormalizer(self.n_groups, model.dim, self.params).to(device)
-        if self.params.group_fusion == "stacking":
-            self.group_stack = build_stacking(model, self.n_groups, "fin")
+        if self.params.group_fusion != "off":
+            self.group_stack = build_stacking(model, self.n_groups, "fin", self.params.group_fusion)
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
         if self.normalizer is None:

@@ -29,6 +29,16 @@ pilot (+0.009, +0.011 ES-AUC against +0.024): trained on the training split, whe
 minority's fused loss is already small, they see little of the held-out gap.
 
 NEEDS THE SENSITIVE ATTRIBUTE AT TEST TIME, like FIN: every table marks the rows that use it.
+
+`group_fusion: blind_stacking` is the group-BLIND counterpart (`fit_blind_stacking`,
+`SharedStacking`): ONE recombination for everyone, margin' = w . x + b, whose direction is a
+logistic regression in which every sample of group g weighs (N / (G n_g))^blind_power - the
+group is read only to fit it, never at inference. Why (docs/results.md, the ideal-observer
+front of benchmarks/blind_fusion_ceiling.py): with no group cue in the input, the group-aware
+teacher's expected score given the input - what a distilled student converges to - ranks
+slightly WORSE than plain training's posterior, while a group-balanced shared recombination
+tilts everyone's weighting towards the modality that serves the minorities, along a front
+slightly better than reweighting the training loss (minority ES-AUC for little majority AUC).
 """
 
 from __future__ import annotations
@@ -55,25 +65,36 @@ class GroupFusionParams(MethodParams):
 
     # "stacking": after selection, fit per-group weights on the fused and modality margins on
     # held-out data. Uses the sensitive attribute AT TEST TIME.
-    group_fusion: Literal["off", "stacking"] = "off"
+    # "blind_stacking": ONE recombination for everyone, fitted with group-balanced sample
+    # weights (the group is read by the fit only): group-blind at test time.
+    group_fusion: Literal["off", "stacking", "blind_stacking"] = "off"
     stacking_prior: float = Field(1.0, gt=0)  # pull of each group's fit towards the shared one
+    # blind_stacking: a sample of group g weighs (N / (G n_g))^blind_power in the direction's
+    # fit (0: the plain shared fit, 1: every group's total weight equal)
+    blind_power: float = Field(1.0, ge=0)
     # what the stacking is fitted on: the validation split, or (two stages) the direction on
     # the training and validation splits pooled, each group's scale and intercept on validation
     stacking_data: Literal["validation", "train+validation"] = "validation"
 
     @model_validator(mode="after")
     def _stacking_data_needs_stacking(self) -> GroupFusionParams:
-        if self.stacking_data != "validation" and self.group_fusion != "stacking":
+        if self.stacking_data != "validation" and self.group_fusion == "off":
             raise ValueError(
-                f"stacking_data: {self.stacking_data} needs group_fusion: stacking "
-                f"(group_fusion is {self.group_fusion!r})"
+                f"stacking_data: {self.stacking_data} needs group_fusion: stacking or "
+                f"blind_stacking (group_fusion is {self.group_fusion!r})"
+            )
+        # (a value other than the default: the trainer re-validates every field it dumped)
+        if self.blind_power != 1.0 and self.group_fusion != "blind_stacking":
+            raise ValueError(
+                f"blind_power needs group_fusion: blind_stacking (group_fusion is "
+                f"{self.group_fusion!r})"
             )
         return self
 
     @property
     def fits_on_train(self) -> bool:
         """Whether the fit also reads the training split's predictions."""
-        return self.group_fusion == "stacking" and self.stacking_data != "validation"
+        return self.group_fusion != "off" and self.stacking_data != "validation"
 
 
 def logit(p: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -124,20 +145,28 @@ def fit_group_stacking(
 
 
 def _penalised_logistic(
-    design: np.ndarray, y: np.ndarray, theta0: np.ndarray, prior: float, iterations: int
+    design: np.ndarray,
+    y: np.ndarray,
+    theta0: np.ndarray,
+    prior: float,
+    iterations: int,
+    sample_weight: np.ndarray | None = None,
 ) -> np.ndarray:
-    """argmin_theta sum CE(y, design @ theta) + prior |theta - theta0|^2: damped Newton."""
+    """argmin_theta sum_n s_n CE(y_n, design_n @ theta) + prior |theta - theta0|^2: damped
+    Newton (s_n = 1 unless `sample_weight`)."""
+    s = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
 
     def objective(theta: np.ndarray) -> float:
         z = design @ theta  # CE = softplus(z) - y z, computed without overflow
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + prior * np.sum((theta - theta0) ** 2))
+        ce = np.logaddexp(0.0, z) - y * z
+        return float(np.sum(s * ce) + prior * np.sum((theta - theta0) ** 2))
 
     eye = 2 * prior * np.eye(len(theta0))
     theta, value = theta0.copy(), objective(theta0)
     for _ in range(iterations):
         p = 0.5 * (1 + np.tanh(0.5 * (design @ theta)))  # sigmoid, stable
-        grad = design.T @ (p - y) + 2 * prior * (theta - theta0)
-        step = np.linalg.solve((design * (p * (1 - p))[:, None]).T @ design + eye, grad)
+        grad = design.T @ (s * (p - y)) + 2 * prior * (theta - theta0)
+        step = np.linalg.solve((design * (s * p * (1 - p))[:, None]).T @ design + eye, grad)
         t, decrease = 1.0, float(grad @ step)  # >= 0: the Hessian is positive definite
         while t > 1e-10:  # backtracking (Armijo): every accepted step lowers the objective
             candidate = objective(theta - t * step)
@@ -192,6 +221,91 @@ def fit_group_stacking_pooled(
     return scale[:, :1] * weight, scale[:, 0] * bias + shift, fitted
 
 
+def group_balance_weights(groups: np.ndarray, n_groups: int, power: float) -> np.ndarray:
+    """Per-sample weights (N / (G n_g))^power, G the groups present: at power 1 every group's
+    total weight is N / G. A sample of unknown group (code outside 0..n_groups-1) weighs 1."""
+    groups = np.asarray(groups)
+    known = (groups >= 0) & (groups < n_groups)
+    counts = np.bincount(groups[known], minlength=n_groups).astype(np.float64)
+    present = counts > 0
+    if not present.any() or power == 0:
+        return np.ones(len(groups))
+    per_group = np.ones(n_groups)
+    per_group[present] = (known.sum() / (present.sum() * counts[present])) ** power
+    return np.where(known, per_group[np.where(known, groups, 0)], 1.0)
+
+
+def fit_blind_stacking(
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    g_fit: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_groups: int,
+    prior: float,
+    power: float,
+    iterations: int = 100,
+) -> tuple[np.ndarray, float]:
+    """`group_fusion: blind_stacking`: ONE recombination margin' = a (w . x + b) + c for every
+    sample, whatever its group.
+
+    Stage 1, the direction (w, b): the penalised logistic regression of `fit_group_stacking`
+    (towards the fused margin unchanged) on (x_fit, y_fit) - the validation margins, or the
+    training and validation ones pooled - with each sample of group g weighted
+    (N / (G n_g))^power (`group_balance_weights`): at power 1 each group counts as much as any
+    other, so the direction leans towards the modality that serves the minorities.
+    Stage 2, the scale a and intercept c: the same fit, unweighted, of the one stacked margin
+    on validation alone (towards a = 1, c = 0), which puts the score back on the scale of the
+    validation labels (thresholded metrics). The group is read by the fit only.
+    Returns the weights (K,) and the bias."""
+    x_fit = np.clip(np.asarray(x_fit, dtype=np.float64), -MARGIN_LIMIT, MARGIN_LIMIT)
+    x_val = np.clip(np.asarray(x_val, dtype=np.float64), -MARGIN_LIMIT, MARGIN_LIMIT)
+    k = x_fit.shape[1]
+    theta0 = np.zeros(k + 1)
+    theta0[0] = 1.0
+    sample_weight = group_balance_weights(g_fit, n_groups, power)
+    design = np.concatenate([x_fit, np.ones((len(x_fit), 1))], axis=1)
+    theta = _penalised_logistic(
+        design, np.asarray(y_fit, np.float64), theta0, prior, iterations, sample_weight
+    )
+    s = x_val @ theta[:k] + theta[k]
+    scale = _penalised_logistic(
+        np.stack([s, np.ones_like(s)], axis=1),
+        np.asarray(y_val, np.float64),
+        np.array([1.0, 0.0]),
+        prior,
+        iterations,
+    )
+    return scale[0] * theta[:k], float(scale[0] * theta[k] + scale[1])
+
+
+class SharedStacking(nn.Module):
+    """`group_fusion: blind_stacking`: one recombination for everyone,
+
+        margin' = sum_k w_k x_k + b,   x = (fused margin, each modality head's margin)
+
+    The forward never reads the group (an argument accepted and ignored, so that a method calls
+    either module alike). Identity (w = (1, 0, ...), b = 0) until fitted."""
+
+    def __init__(self, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.modalities = list(modalities)
+        weight = torch.zeros(1 + len(self.modalities))
+        weight[0] = 1.0
+        self.register_buffer("weight", weight)  # (1 + M,)
+        self.register_buffer("bias", torch.zeros(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def forward(
+        self, logits: Tensor, aux_logits: Mapping[str, Tensor], groups: Tensor | None = None
+    ) -> Tensor:
+        margins = [logits[:, 1] - logits[:, 0]]  # (B,) each
+        margins += [aux_logits[m][:, 1] - aux_logits[m][:, 0] for m in self.modalities]
+        x = torch.stack(margins, dim=1).float().clamp(-MARGIN_LIMIT, MARGIN_LIMIT)  # (B, 1 + M)
+        margin = x @ self.weight + self.bias  # (B,)
+        return torch.stack([torch.zeros_like(margin), margin], dim=1).to(logits.dtype)
+
+
 class GroupStacking(nn.Module):
     """The fitted per-group recombination, applied to a binary prediction's margin:
 
@@ -228,24 +342,34 @@ class GroupStacking(nn.Module):
 
 
 # ---- the pieces a method needs to offer `group_fusion: stacking` ------------------------------
-def build_stacking(model: nn.Module, n_groups: int, method: str) -> GroupStacking:
-    """The (identity) stacking for a model; clear errors where it cannot apply."""
+def build_stacking(
+    model: nn.Module, n_groups: int, method: str, fusion: str = "stacking"
+) -> GroupStacking | SharedStacking:
+    """The (identity) stacking for a model - per group (`stacking`) or shared
+    (`blind_stacking`); clear errors where it cannot apply."""
     if model.n_classes != 2:
         raise UserError(
-            f"{method} group_fusion: stacking needs binary labels "
+            f"{method} group_fusion: {fusion} needs binary labels "
             f"(the model has {model.n_classes} classes)"
         )
     if n_groups < 1:
+        why = (
+            "it fits one recombination per group"
+            if fusion == "stacking"
+            else "it weights the groups in the fit of the shared recombination"
+        )
         raise UserError(
-            f"{method} group_fusion: stacking needs a sensitive attribute "
-            "(data.attributes / train.attribute): it fits one recombination per group"
+            f"{method} group_fusion: {fusion} needs a sensitive attribute "
+            f"(data.attributes / train.attribute): {why}"
         )
     device = next(model.parameters()).device
+    if fusion == "blind_stacking":
+        return SharedStacking(model.modalities).to(device)
     return GroupStacking(n_groups, model.modalities).to(device)
 
 
 def fit_stacking(
-    stack: GroupStacking,
+    stack: GroupStacking | SharedStacking,
     params: GroupFusionParams,
     preds: Any,
     groups: np.ndarray | None,
@@ -256,7 +380,10 @@ def fit_stacking(
     checkpoint's validation predictions - with `stacking_data: train+validation` on the
     training split's too (`fit_group_stacking_pooled`). Fits once: a state that already holds
     a fit - a resumed run's best.pt - keeps it; its predictions are stacked ones. Returns the
-    fit per group for metrics.json (`None`: kept at the shared model)."""
+    fit per group for metrics.json (`None`: kept at the shared model); for a `SharedStacking`
+    (`blind_stacking`) the one fit, as `stacking/shared`."""
+    if isinstance(stack, SharedStacking):
+        return _fit_shared(stack, params, preds, groups, train_preds, train_groups)
     if not bool(stack.fitted.any()):
         if groups is None or (
             params.fits_on_train and (train_preds is None or train_groups is None)
@@ -299,6 +426,52 @@ def fit_stacking(
     }
 
 
+def _fit_shared(
+    stack: SharedStacking,
+    params: GroupFusionParams,
+    preds: Any,
+    groups: np.ndarray | None,
+    train_preds: Any | None,
+    train_groups: np.ndarray | None,
+) -> dict[str, Any]:
+    """`fit_stacking` for `blind_stacking` (`fit_blind_stacking`); fits once, like it."""
+    if not bool(stack.fitted):
+        if groups is None or (
+            params.fits_on_train and (train_preds is None or train_groups is None)
+        ):
+            raise ValueError(
+                "group_fusion: blind_stacking needs each fitted split's predictions and groups"
+            )
+        x_val = _margins(preds, stack.modalities)
+        x_fit, y_fit, g_fit = x_val, np.asarray(preds.label), np.asarray(groups)
+        if params.fits_on_train:
+            x_fit = np.concatenate([_margins(train_preds, stack.modalities), x_val])
+            y_fit = np.concatenate([np.asarray(train_preds.label), y_fit])
+            g_fit = np.concatenate([np.asarray(train_groups), g_fit])
+        n_groups = int(max(g_fit.max(initial=-1) + 1, 1))
+        weight, bias = fit_blind_stacking(
+            x_fit,
+            y_fit,
+            g_fit,
+            x_val,
+            preds.label,
+            n_groups,
+            params.stacking_prior,
+            params.blind_power,
+        )
+        stack.weight.copy_(torch.as_tensor(weight, dtype=stack.weight.dtype))
+        stack.bias.fill_(bias)
+        stack.fitted.fill_(True)
+    weight = stack.weight.detach().cpu().double().numpy()
+    columns = ["fused", *stack.modalities, "bias"]
+    values = [*map(float, weight), float(stack.bias)]
+    return {
+        "stacking_data": params.stacking_data,
+        "blind_power": params.blind_power,
+        "stacking/shared": dict(zip(columns, values)),
+    }
+
+
 class GroupStackingHook:
     """`on_selected` of a method that offers `group_fusion: stacking` (mixed in before
     `Method`; the method sets `group_stack` in setup and has `GroupFusionParams`): fit each
@@ -308,7 +481,7 @@ class GroupStackingHook:
     already holds a fit (a run resumed after the trainer re-saved best.pt), `preds` are
     stacked ones and the fit is kept."""
 
-    group_stack: GroupStacking | None
+    group_stack: GroupStacking | SharedStacking | None
     params: Any  # GroupFusionParams
 
     @property

@@ -93,6 +93,7 @@ from multifair.methods.group_fusion import (
     GroupFusionParams,
     GroupStacking,
     GroupStackingHook,
+    SharedStacking,
     build_stacking,
 )
 from multifair.methods.signals import (
@@ -266,9 +267,10 @@ class MultiFairAdam(GroupStackingHook, Method):
         self.register_buffer("group_measured", torch.zeros(n_groups, dtype=torch.bool))
         # group_fusion: stacking - created in setup, fitted by on_selected; the prediction then
         # depends on the group the sample is said to belong to
-        self.group_stack: GroupStacking | None = None
-        self.uses_attribute_at_test = params.group_fusion != "off"
-        self.fits_after_selection = params.group_fusion == "stacking"
+        # (blind_stacking: one recombination for everyone, the group read by the fit only)
+        self.group_stack: GroupStacking | SharedStacking | None = None
+        self.uses_attribute_at_test = params.group_fusion == "stacking"
+        self.fits_after_selection = params.group_fusion != "off"
 
     def check_missing(self, has_missing: bool) -> None:
         if has_missing and self.params.group_fusion != "off":
@@ -279,8 +281,10 @@ class MultiFairAdam(GroupStackingHook, Method):
             )
 
     def setup(self, model: nn.Module) -> None:
-        if self.params.group_fusion == "stacking":
-            self.group_stack = build_stacking(unwrap_model(model), self.n_groups, "multifair_adam")
+        if self.params.group_fusion != "off":
+            self.group_stack = build_stacking(
+                unwrap_model(model), self.n_groups, "multifair_adam", self.params.group_fusion
+            )
 
     def forward(self, model: nn.Module, batch: Mapping[str, Any]) -> ModelOutput:  # type: ignore[override]
         out = model(batch)
@@ -290,7 +294,9 @@ class MultiFairAdam(GroupStackingHook, Method):
             raise RuntimeError(
                 "multifair_adam group_fusion: call method.setup(model) first (the trainer does)"
             )
-        out.logits = self.group_stack(out.logits, out.aux_logits, batch["group"])
+        # blind_stacking never reads the attribute: the batch need not carry one
+        groups = batch["group"] if self.params.group_fusion == "stacking" else None
+        out.logits = self.group_stack(out.logits, out.aux_logits, groups)
         return out
 
     # State added after the first release of this method: a checkpoint written before it lacks
