@@ -59,6 +59,36 @@ def test_placeholder_content_does_not_reach_the_prediction(fusion, train):
     assert not torch.allclose(d.logits[~present], e.logits[~present], atol=1e-4)
 
 
+def test_placeholders_stay_out_of_batch_statistics():
+    """In training mode a BatchNorm encoder normalises over the batch: the samples that HAVE
+    the modality must not depend on the absent samples' placeholders (nor may the running
+    statistics)."""
+    model = _missing_model("attention").train()
+    norms = [m for m in model.encoders["fundus"].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "the tiny fundus encoder must carry a BatchNorm for this test to mean anything"
+    batch = tiny_batch(MODS)
+    present = torch.tensor([True, False, True, False])
+    batch["present"] = {"fundus": present, "labs": torch.ones(B, dtype=torch.bool)}
+    other = dict(batch)
+    other["fundus"] = batch["fundus"].clone()
+    other["fundus"][~present] = torch.randn(int((~present).sum()), 3, 16, 16) * 50 + 20
+    a = _run(model, batch)
+    stats_a = [n.running_mean.clone() for n in norms]
+    b = _run(model, other)
+    stats_b = [n.running_mean.clone() for n in norms]
+    assert torch.allclose(a.logits[present], b.logits[present], atol=1e-5)
+    # the two forward passes each updated the running mean by the same present-only batch
+    delta_a = stats_a[0]
+    delta_b = stats_b[0] - stats_a[0] * (1 - norms[0].momentum)
+    assert torch.allclose(delta_b, delta_a * 1.0, atol=1e-5)
+    # a batch where no sample has the fundus still trains (zero rows through the encoder)
+    none = dict(batch)
+    none["present"] = {"fundus": torch.zeros(B, dtype=torch.bool), "labs": present | ~present}
+    out = model(none)
+    torch.nn.functional.cross_entropy(out.logits, batch["label"]).backward()
+    assert all(torch.isfinite(n.running_mean).all() for n in norms)
+
+
 def test_attention_excludes_absent_tokens_as_keys():
     """A present token's output must not depend on the absent token, even the learned one."""
     model = _missing_model("attention").eval()

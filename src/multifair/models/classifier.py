@@ -87,15 +87,32 @@ class MultimodalClassifier(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
     def encode(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
-        """h_i = proj_i(f_i(x_i)) for every modality: {modality: (B, d)}."""
+        """h_i = proj_i(f_i(x_i)) for every modality: {modality: (B, d)}.
+
+        With missing modalities (`batch["present"]`), a tensor modality's encoder runs on the
+        samples that have it only, so a placeholder never enters a batch statistic
+        (BatchNorm) of the samples that do; an absent sample's row is zero (`fuse` replaces it
+        with the learned missing token)."""
         features: dict[str, Tensor] = {}
+        present = batch.get("present") or {}
         for m in self.modalities:
             if m not in batch:
                 raise UserError(
                     f"the batch has no entry for modality {m!r} (batch keys: {sorted(batch)})"
                 )
-            features[m] = self.projections[m](self.encoders[m](batch[m]))  # (B, d)
+            x = batch[m]
+            if m in present and isinstance(x, Tensor):
+                features[m] = self._encode_present(m, x, present[m])
+            else:
+                features[m] = self.projections[m](self.encoders[m](x))  # (B, d)
         return features
+
+    def _encode_present(self, m: str, x: Tensor, have: Tensor) -> Tensor:
+        # one host sync per modality, on data with missing modalities only; a batch where no
+        # sample has m runs the encoder on zero rows (its parameters stay in the graph: DDP)
+        idx = have.to(device=x.device, dtype=torch.bool).nonzero().squeeze(1)
+        h = self.projections[m](self.encoders[m](x.index_select(0, idx)))  # (n, d)
+        return h.new_zeros((x.shape[0], h.shape[1])).index_copy(0, idx, h)  # (B, d)
 
     def fuse(
         self,
