@@ -190,14 +190,15 @@ def test_recommendation_follows_the_results_notes(lag, gap, kind, blocks):
         assert rec.attribute == "race" and "differ by 0.200 (worst: Black)" in rec.why
 
 
-def test_image_encoders_add_validation_levels_and_another_attribute_is_named():
+def test_image_encoders_get_blind_stacking_and_another_attribute_is_named():
     rec = dg.recommend(_imbalance(False), _gaps(race=False, gender=True), train_attribute="race", image_encoders=True)  # fmt: skip
-    assert rec.lines[0][1] == {**dg.GROUP_WEIGHTS, "levels": "validation"}
+    assert rec.lines[0][1] == dg.BLIND_STACKING
+    assert "blind_stacking" in rec.why
     assert rec.attribute == "gender"
 
 
 @pytest.mark.parametrize(
-    "block", [dg.UNIMODAL, dg.GROUP_WEIGHTS, dg.STACKING, dg.UNIMODAL_STACKING]
+    "block", [dg.UNIMODAL, dg.GROUP_WEIGHTS, dg.STACKING, dg.UNIMODAL_STACKING, dg.BLIND_STACKING]
 )
 def test_every_recommended_line_is_a_valid_config(block):
     """The printed flow line parses back to the block and validates as a run config."""
@@ -215,6 +216,7 @@ def test_row_labels_are_the_results_notes_names():
     assert dg.label(dg.GROUP_WEIGHTS) == "multifair_adam val-groups"
     assert dg.label({**dg.GROUP_WEIGHTS, "levels": "validation"}) == "multifair_adam val-levels val-groups"  # fmt: skip
     assert dg.label(dg.STACKING) == "erm stacking train+val"
+    assert dg.label(dg.BLIND_STACKING) == "erm blind_stacking p=0.7"
     assert dg.label(dg.UNIMODAL_STACKING) == "multifair_adam +unimodal stacking train+val"
 
 

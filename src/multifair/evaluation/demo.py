@@ -100,8 +100,15 @@ ROWS: list[tuple[str, dict[str, Any], str]] = [
     ("multifair", {"name": "multifair"}, "MultiFair as published (gradient factors + losses)"),
     (
         GROUP_BLIND,
-        {"name": "multifair_adam", "levels": "validation", "group_weights": "validation"},
-        "one model for everyone: each group's loss weighted by its held-out AUC gap",
+        {
+            "name": "multifair_adam",
+            "temperature": math.inf,
+            "group_fusion": "blind_stacking",
+            "stacking_data": "train+validation",
+            "blind_power": 0.7,
+        },
+        "one model for everyone: one mix of the fused and modality heads, fitted with the "
+        "minorities weighted up",
     ),
     (
         GROUP_AWARE,
