@@ -437,9 +437,10 @@ class MultiFairAdam(GroupStackingHook, Method):
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
-        samples with a known group (macro one-vs-rest AUCs for scores (N, K)); then the weights exp(gap_g / T_g), normalised to a mean of
-        1 over the measured groups' samples. A group never measured (absent from the split, or
-        never with both classes) keeps weight 1, like a sample of unknown group."""
+        samples with a known group (macro one-vs-rest AUCs for scores (N, K)); then the weights
+        exp(gap_g / T_g), normalised to a mean of 1 over the measured groups' samples. A group
+        never measured (absent from the split, or never with both classes - every class for
+        K > 2) keeps weight 1, like a sample of unknown group."""
         from multifair.metrics import roc_auc
 
         if groups is None:
