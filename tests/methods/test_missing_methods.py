@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from conftest import make_ctx, tiny_batch, tiny_model
 from sklearn.metrics import roc_auc_score
 
-from multifair.errors import UserError
 from multifair.methods.base import METHODS, ModelOutput, aux_loss, build_method, supporting_methods
 
 G = 3
