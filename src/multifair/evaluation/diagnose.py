@@ -313,8 +313,11 @@ def missing_note(missing: Mapping[str, float], kind: str) -> str:
 
 # docs/results.md, "Missing modalities that differ by group (issue 17)"
 MISSING_EVIDENCE = (
-    "On the synthetic table where B is missing for 30% of the minorities, group-aware "
-    "stacking was run with B missing (docs/results.md, Missing modalities)."
+    "On the synthetic table where B is missing for 30% of the minorities the methods gained "
+    "on the patients who have every modality only (group-blind weights +0.024 ES-AUC, "
+    "group-aware stacking +0.028 at +0.014 AUC); for those lacking B no method helped "
+    "(stacking -0.008 [-0.024, +0.009]): measuring the modality is the lever "
+    "(docs/results.md, Missing modalities)."
 )
 
 
