@@ -231,6 +231,8 @@ def test_training_with_stacking_on_a_table_with_a_missing_block(tmp_path, fusion
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     fits = [v for k, v in metrics["posthoc"].items() if k.startswith("stacking/")]
     assert fits and all(f is not None and np.isfinite(list(f.values())).all() for f in fits)
+    # fitted, not left at the identity (a NaN margin stalls the Newton fit there)
+    assert any(abs(f["fused"] - 1) > 1e-3 or abs(f["bias"]) > 1e-3 for f in fits)
     assert "b missing" in json.dumps(metrics["test"]["missingness"])
     frame = pd.read_csv(tmp_path / "run" / "predictions_test.csv")
     assert (frame["present_b"] == 0).any() and np.isfinite(frame["score"]).all()
