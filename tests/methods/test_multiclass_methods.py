@@ -25,7 +25,7 @@ from multifair.training.inference import Predictions
 from multifair.training.trainer import build_optimizer, train_step
 
 K, G = 3, 3
-REFUSE = {"multifair", "multifair_released", "multifair_adam"}  # binary AUC signals
+REFUSE = {"multifair", "multifair_released"}  # binary AUC signals and gradient modulation
 
 
 def three_class_model(modalities: list[str]) -> torch.nn.Module:
@@ -94,3 +94,13 @@ def test_groupdro_refuses_label_pairs_with_three_classes():
     with pytest.raises(UserError, match=r"groupdro.*attribute_label"):
         build_method("groupdro", {"groups": "attribute_label"}, ["a", "b"], G, n_classes=K)
     build_method("groupdro", {"groups": "attribute"}, ["a", "b"], G, n_classes=K)
+
+
+@pytest.mark.parametrize("fusion", ["stacking", "blind_stacking"])
+def test_multifair_adam_group_stacking_refuses_three_classes_the_rest_builds(fusion):
+    # the stacking recombines binary margins: that option refuses, the method does not
+    with pytest.raises(UserError, match=rf"'multifair_adam'.*group_fusion: {fusion}.*3 classes"):
+        build_method("multifair_adam", {"group_fusion": fusion}, ["a", "b"], G, n_classes=K)
+    build_method("multifair_adam", {"group_fusion": fusion}, ["a", "b"], G, n_classes=2)
+    readme = {"levels": "validation", "group_weights": "validation", "unimodal_weight": 1.0}
+    build_method("multifair_adam", readme, ["a", "b"], G, n_classes=K)

@@ -148,3 +148,40 @@ def test_diagnose_refuses_multiclass_data_before_training(table, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the data has 3 classes (none, moderate, severe)" in err[0]
     assert not (tmp_path / "d" / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        ["method.levels=validation", "method.group_weights=validation"],  # one model for everyone
+        ["method.unimodal_weight=1"],  # an under-learnt modality
+    ],
+    ids=["val-levels-val-groups", "unimodal"],
+)
+def test_multifair_adam_readme_blocks_train_three_classes(table, tmp_path, block):
+    run = tmp_path / "run"
+    args = [*TINY, "method.name=multifair_adam", *block, "--out", str(run)]
+    assert main(["train", str(table / "table.yaml"), *args]) == 0
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert steps and all(np.isfinite(r["loss/total"]) for r in steps)
+    assert all(0 <= r["aux_auc/A"] <= 1 and r["lr_factor/A"] > 0 for r in steps)
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["classes"] == CLASSES and test["overall"]["auc"] > 0.6
+    if "method.levels=validation" in block:
+        for epoch in (r for r in records if r["kind"] == "epoch"):
+            # the levels are the validation macro one-vs-rest AUCs the trainer reports
+            for m in ("A", "B"):
+                assert epoch["method"][f"val_level/{m}"] == pytest.approx(
+                    epoch["val"]["aux_auc"][m], abs=1e-9
+                )
+            weights = [v for k, v in epoch["method"].items() if k.startswith("group_weight/")]
+            assert len(weights) == 3 and all(np.isfinite(w) and w > 0 for w in weights)
+
+
+def test_multifair_adam_group_stacking_refuses_three_classes_in_one_line(table, tmp_path, capsys):
+    args = [*TINY, "method.name=multifair_adam", "method.group_fusion=stacking"]
+    assert main(["train", str(table / "table.yaml"), *args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "group_fusion: stacking needs a binary label" in err[0]
+    assert "data has 3 classes" in err[0]

@@ -59,6 +59,22 @@ normalisation. Samples with an unknown group keep weight 1, and so does a group 
 a later validation keeps its last gap. Weights are 1 before the first validation. The
 auxiliary heads' CE and the unimodal loss stay unweighted.
 
+Multi-class labels (K > 2, docs/training.md "Multi-class labels"): every AUC above becomes the
+macro one-vs-rest AUC, mean over classes k of the AUC of class k's score against the rest - the
+metric the evaluation reports. In-batch levels A_i average over the classes with both sides in
+the batch, each class scored by its one-vs-rest log-odds z_k - logsumexp_{j != k} z_j (the
+ranking of its softmax probability); validation levels and group gaps use
+`multifair.metrics.roc_auc` on the softmax scores (N, K) (a group or split missing a class has
+no macro AUC and is treated like a one-class one above), and the no-signal standard error
+becomes sqrt(sum_k v_k / (K (K - 1))), v_k = (n_k + r_k + 1) / (12 n_k r_k) the binary one of
+class k against the rest r_k: the binary formula at K = 2, within 10% of the simulated spread of
+a no-signal macro AUC for K = 3..5. The fused gap loss averages the pairwise surrogate over
+classes likewise, on the one-vs-rest log-odds. Levels stay on the AUC scale (chance 0.5), so
+temperature, floor and guards keep their meaning. `unimodal_weight` is softmax CE for any K.
+K = 2 runs the binary code unchanged (tests/methods/test_multifair_adam_multiclass.py holds
+fingerprints of binary runs recorded before). `group_fusion` stacking is binary-only and
+refuses K > 2 when the method is built.
+
 Group level, fused loss (off by default; preset "fair"): L_gap = mean_g |S_g - mean_g' S_g'| over groups
 with both classes in the batch, S_g = mean over (positive, negative) pairs of group g of
 sigmoid((z_p - z_n) / T_s) on fused logit margins. It sends no gradient to the auxiliary
@@ -101,6 +117,9 @@ from multifair.methods.signals import (
     gather_batch,
     group_masks,
     group_weighted_ce,
+    macro_ovr_auc,
+    macro_pairwise_surrogate_auc,
+    ovr_margins,
     pairwise_surrogate_auc,
     surrogate_scores,
     unwrap_model,
@@ -209,17 +228,36 @@ def balance_factors(levels: Tensor, temperature: float, floor: float) -> Tensor:
     return factors
 
 
+def no_signal_auc_se(class_counts: np.ndarray) -> float:
+    """Standard error of a no-signal (macro one-vs-rest) AUC on samples with these class
+    counts (every count > 0): sqrt(sum_k v_k / (K (K - 1))), v_k = (n_k + r_k + 1) /
+    (12 n_k r_k) for class k against the rest r_k. For K = 2 the binary
+    sqrt((n+ + n- + 1) / (12 n+ n-)); for K > 2 the class AUCs of a no-signal score are
+    correlated, and this matched the simulated spread within 10% (K = 3..5, softmax scores)."""
+    counts = np.asarray(class_counts, dtype=float)
+    k, rest = len(counts), counts.sum() - counts
+    per_class = (counts + rest + 1) / (12 * counts * rest)
+    return math.sqrt(float(per_class.sum()) / (k * (k - 1)))
+
+
 def group_gap_loss(
     fused_logits: Tensor, labels: Tensor, groups: Tensor, n_groups: int, temperature: float
 ) -> Tensor:
     """Differentiable group-AUC gap of the fused prediction: mean over the groups present with
     both classes of |S_g - mean S|, S_g = mean over (p, n) pairs of group g of
-    sigmoid((z_p - z_n) / T_s) on fused logit margins. 0 when fewer than two groups qualify."""
-    margin = surrogate_scores(fused_logits, "sigmoid")  # (B,) z_1 - z_0
+    sigmoid((z_p - z_n) / T_s) on fused logit margins. 0 when fewer than two groups qualify.
+    K > 2: S_g is the mean over the classes with both sides in group g of that surrogate for
+    class k against the rest, on the one-vs-rest log-odds (`ovr_margins`)."""
     masks = group_masks(groups, n_groups)  # (B, G); unknown (-1) in no group
-    surrogate, present = pairwise_surrogate_auc(
-        margin, labels, masks, form="sigmoid", temperature=temperature
-    )  # (G,), (G,)
+    if fused_logits.shape[-1] == 2:
+        margin = surrogate_scores(fused_logits, "sigmoid")  # (B,) z_1 - z_0
+        surrogate, present = pairwise_surrogate_auc(
+            margin, labels, masks, form="sigmoid", temperature=temperature
+        )  # (G,), (G,)
+    else:
+        surrogate, present = macro_pairwise_surrogate_auc(
+            ovr_margins(fused_logits).T, labels, masks, form="sigmoid", temperature=temperature
+        )  # (G,), (G,) macro over classes
     weight = present.float()
     n_present = weight.sum().clamp_min(1.0)
     mean = (surrogate * weight).sum() / n_present
@@ -237,12 +275,14 @@ class MultiFairAdam(GroupStackingHook, Method):
 
     @classmethod
     def check_classes(cls, params: MethodParams, n_classes: int) -> None:
-        if n_classes != 2:
+        # levels, group weights, the gap loss and the unimodal loss take K classes (macro
+        # one-vs-rest); the post-hoc stacking recombines binary margins only
+        fusion = getattr(params, "group_fusion", "off")
+        if n_classes != 2 and fusion != "off":
             raise UserError(
-                f"method 'multifair_adam' needs a binary label (data has {n_classes} classes): "
-                "its modality levels are binary AUCs of each auxiliary head's logit margin "
-                "z_1 - z_0 (and its fused gap loss and group stacking are binary too); use a "
-                "cross-entropy method (erm, reweight, groupdro, fis, ...) for multi-class"
+                f"method 'multifair_adam': group_fusion: {fusion} needs a binary label (data "
+                f"has {n_classes} classes): it recombines the heads' binary logit margins; set "
+                "method.group_fusion: off (the rest of the method trains K classes)"
             )
 
     def __init__(self, params: MultiFairAdamParams, modalities: list[str], n_groups: int) -> None:
@@ -390,9 +430,10 @@ class MultiFairAdam(GroupStackingHook, Method):
 
     def _update_group_weights(self, preds: Any, groups: np.ndarray | None) -> dict[str, Any]:
         """gap_g <- m gap_g + (1 - m) shrunk(AUC - AUC_g) on the fused validation scores of the
-        samples with a known group; then the weights exp(gap_g / T_g), normalised to a mean of
-        1 over the measured groups' samples. A group never measured (absent from the split, or
-        never with both classes) keeps weight 1, like a sample of unknown group."""
+        samples with a known group (macro one-vs-rest AUCs for scores (N, K)); then the weights
+        exp(gap_g / T_g), normalised to a mean of 1 over the measured groups' samples. A group
+        never measured (absent from the split, or never with both classes - every class for
+        K > 2) keeps weight 1, like a sample of unknown group."""
         from multifair.metrics import roc_auc
 
         if groups is None:
@@ -417,9 +458,12 @@ class MultiFairAdam(GroupStackingHook, Method):
             auc_g = roc_auc(labels[member], score[member]) if member.any() else math.nan
             if not math.isfinite(auc_g):  # one class (or no sample): keep the last gap
                 continue
-            n_pos = int(labels[member].sum())
-            n_neg = int(member.sum()) - n_pos
-            se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))  # no-signal AUC
+            if score.ndim == 1:
+                n_pos = int(labels[member].sum())
+                n_neg = int(member.sum()) - n_pos
+                se = math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))  # no-signal AUC
+            else:  # macro one-vs-rest: every class is present (else auc_g is NaN)
+                se = no_signal_auc_se(np.bincount(labels[member], minlength=score.shape[1]))
             raw_gap = overall - auc_g
             # soft threshold: only the part of the gap beyond `group_z` standard errors
             shrunk = math.copysign(max(abs(raw_gap) - self.params.group_z * se, 0.0), raw_gap)
@@ -448,19 +492,30 @@ class MultiFairAdam(GroupStackingHook, Method):
         from multifair.metrics import roc_auc
 
         labels = np.asarray(preds.label)
-        n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
-        # each head on the samples that have its modality (absent ones carry NaN scores)
+        # each head on the samples that have its modality (absent ones carry NaN scores; a
+        # multi-class head's row (K,) of class probabilities: its macro one-vs-rest AUC)
         aucs = []
+        n_classes = 2
         for m in self.modalities:
             scores = np.asarray(preds.aux_scores[m], dtype=float)
-            have = np.isfinite(scores)
+            have = np.isfinite(scores) if scores.ndim == 1 else np.isfinite(scores).all(axis=1)
+            n_classes = 2 if scores.ndim == 1 else scores.shape[1]
             aucs.append(roc_auc(labels[have], scores[have]) if have.any() else math.nan)
-        if min(n_pos, n_neg) == 0 or not all(math.isfinite(a) for a in aucs):
+        if n_classes == 2:
+            n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
+            lacks_class = min(n_pos, n_neg) == 0
+        else:
+            counts = np.bincount(labels[(labels >= 0) & (labels < n_classes)], minlength=n_classes)
+            lacks_class = bool((counts == 0).any())
+        if lacks_class or not all(math.isfinite(a) for a in aucs):
             return {"val_levels": "skipped: the validation split lacks a class"}
         new = torch.tensor(aucs, dtype=self.val_level.dtype, device=self.val_level.device)
         self.val_level.copy_(new)
         self.val_best.copy_(torch.maximum(self.val_best, new))
-        self.val_noise.fill_(math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg)))
+        if n_classes == 2:
+            self.val_noise.fill_(math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg)))
+        else:
+            self.val_noise.fill_(no_signal_auc_se(counts))
         self.val_seen.fill_(1.0)
         return {f"val_level/{m}": a for m, a in zip(self.modalities, aucs)}
 
@@ -472,17 +527,26 @@ class MultiFairAdam(GroupStackingHook, Method):
             base = self._group_weighted_loss(out, batch)
 
         # A_i on the global batch: aux margins and labels from all ranks, one collective.
-        margins = torch.stack(
-            [surrogate_scores(out.aux_logits[m], "sigmoid") for m in self.modalities]
-        )
-        columns = {"scores": margins.T, "label": y}
+        n_classes = out.logits.shape[-1]  # a shape: a Python branch without a host sync
+        if n_classes == 2:
+            margins = torch.stack(
+                [surrogate_scores(out.aux_logits[m], "sigmoid") for m in self.modalities]
+            )  # (M, B)
+            columns = {"scores": margins.T, "label": y}
+        else:  # macro one-vs-rest: each class's log-odds against the rest, modality-major
+            ovr = torch.stack([ovr_margins(out.aux_logits[m]) for m in self.modalities], 1)
+            columns = {"scores": ovr.flatten(1), "label": y}  # (B, M * K)
         if "present" in batch:  # missing modalities: A_i over the samples that have modality i
             columns["present"] = torch.stack(
                 [batch["present"][m].float() for m in self.modalities], 1
             )  # (B, M)
         cols = gather_batch(ctx.gather, columns)  # (B_global, M)
         have = cols["present"].T > 0.5 if "present" in cols else None  # (M, B_global)
-        auc, has_both = binary_auc(cols["scores"].T, cols["label"], have)  # (M,), (M,)
+        if n_classes == 2:
+            auc, has_both = binary_auc(cols["scores"].T, cols["label"], have)  # (M,), (M,)
+        else:
+            scores = cols["scores"].T.reshape(len(self.modalities), n_classes, -1)  # (M, K, Bg)
+            auc, has_both = macro_ovr_auc(scores, cols["label"], have)  # (M,), (M,)
         # Validation passes (no grad / eval mode) read the state but never advance it.
         update = self.training and torch.is_grad_enabled() and ctx.advance
         in_trial = ctx.step < self.params.trial * ctx.total_steps

@@ -9,8 +9,8 @@ one-class batch) comes back with a `valid` flag instead of an exception, and the
 what to use in its place with `torch.where`.
 
 Vocabulary: `scores` (..., B) real-valued predictions (higher = more positive), `labels` (B,) in
-{0, 1}, `groups` (B,) int codes (-1 = unknown), `masks` (B, G) bool, True where sample b is in
-group g.
+{0, 1} (class indices 0..K-1 for the multi-class `macro_*` statistics), `groups` (B,) int codes
+(-1 = unknown), `masks` (B, G) bool, True where sample b is in group g.
 """
 
 from __future__ import annotations
@@ -111,6 +111,36 @@ def surrogate_scores(logits: Tensor, form: SurrogateForm) -> Tensor:
     return z[..., 1] - z[..., 0]
 
 
+def ovr_margins(logits: Tensor) -> Tensor:
+    """One-vs-rest log-odds of each class: (B, K) logits -> (B, K), column k = z_k -
+    logsumexp_{j != k} z_j = log(p_k / (1 - p_k)). Monotone in the softmax probability p_k (the
+    score the macro one-vs-rest AUC ranks) and unbounded like the binary margin z_1 - z_0,
+    which column 1 equals for K = 2 (up to rounding)."""
+    z = logits.float()
+    k = z.shape[-1]
+    own = torch.eye(k, dtype=torch.bool, device=z.device)  # (K, K) True at j == k
+    others = torch.where(own, float("-inf"), z.unsqueeze(-2))  # (B, K, K) row k: z_j, j != k
+    return z - torch.logsumexp(others, dim=-1)
+
+
+def macro_ovr_auc(
+    scores: Tensor, labels: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Macro one-vs-rest ROC-AUC from ranks, batched: mean over classes k of the AUC of
+    scores[..., k, :] for class k against the rest (`binary_auc` per class).
+
+    scores (..., K, B); labels (B,) class indices; mask (..., B) bool or None. On a batch the
+    mean runs over the classes whose one-vs-rest split has both sides among the selected
+    samples (a class absent from a batch has no AUC). Returns (auc (...,), valid (...,)),
+    valid where at least one class counts; auc is 0 elsewhere."""
+    n_classes = scores.shape[-2]
+    is_class = onehot(labels, n_classes).T  # (K, B)
+    per_class_mask = None if mask is None else mask.unsqueeze(-2).expand_as(scores)
+    auc, valid = binary_auc(scores, is_class, per_class_mask)  # (..., K)
+    weight = valid.float()
+    return (auc * weight).sum(-1) / weight.sum(-1).clamp_min(1.0), valid.any(-1)
+
+
 def pairwise_surrogate_auc(
     scores: Tensor,
     labels: Tensor,
@@ -140,6 +170,26 @@ def pairwise_surrogate_auc(
     pair_sum = torch.einsum("gp,...pn,gn->...g", positive, kernel, negative)  # (..., G)
     pairs = positive.sum(-1) * negative.sum(-1)  # (G,)
     return pair_sum / pairs.clamp_min(1.0), pairs > 0
+
+
+def macro_pairwise_surrogate_auc(
+    scores: Tensor, labels: Tensor, masks: Tensor, *, form: SurrogateForm, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-group macro one-vs-rest surrogate: S_g = mean over the classes k with both sides in
+    group g of `pairwise_surrogate_auc` on scores[k] (class k positive, the rest negative).
+
+    scores (K, B) (e.g. `ovr_margins(logits).T`); labels (B,) class indices; masks (B, G).
+    Returns (S (G,), valid (G,)): valid where some class counts in the group; S is 0 elsewhere.
+    One (B, B) pair kernel per class; K is a shape, so the loop is static."""
+    total = torch.zeros(masks.shape[1], device=scores.device)
+    counted = torch.zeros(masks.shape[1], device=scores.device)
+    for k in range(scores.shape[0]):
+        surrogate, valid = pairwise_surrogate_auc(
+            scores[k], labels == k, masks, form=form, temperature=temperature
+        )  # (G,), (G,)
+        total = total + surrogate * valid
+        counted = counted + valid.float()
+    return total / counted.clamp_min(1.0), counted > 0
 
 
 def group_shares(masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -38,6 +38,31 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
+def _attribute_ci(
+    boot: Mapping[str, Any],
+    attribute: str,
+    codes: np.ndarray,
+    names: Sequence[str],
+    ci: float,
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """An attribute's `ci` block from the bootstrap replicates (binary and multi-class)."""
+    reps = boot["attributes"][attribute]
+    assert np.array_equal(reps["codes"], codes), "bootstrap groups out of step"
+    return {
+        "level": float(ci),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "auc": _interval(boot["overall"]["auc"], ci),
+        "es_auc": _interval(reps["es_auc"], ci),
+        "es_acc": _interval(reps["es_acc"], ci),
+        "dpd": _interval(reps["dpd"], ci),
+        "deodds": _interval(reps["deodds"], ci),
+        "group_auc": {nm: _interval(reps["group_auc"][:, j], ci) for j, nm in enumerate(names)},
+    }
+
+
 def _interval(replicates: np.ndarray, level: float) -> list[float | None]:
     lo, hi = percentile_interval(replicates, level)
     return [_num(lo), _num(hi)]
@@ -179,21 +204,7 @@ def summarize(
             "skipped_groups": single if single_class == "skip" else [],
         }
         if boot is not None:
-            reps = boot["attributes"][attribute]
-            assert np.array_equal(reps["codes"], table.codes), "bootstrap groups out of step"
-            entry["ci"] = {
-                "level": float(ci),
-                "n_boot": int(n_boot),
-                "seed": int(seed),
-                "auc": _interval(boot["overall"]["auc"], ci),
-                "es_auc": _interval(reps["es_auc"], ci),
-                "es_acc": _interval(reps["es_acc"], ci),
-                "dpd": _interval(reps["dpd"], ci),
-                "deodds": _interval(reps["deodds"], ci),
-                "group_auc": {
-                    nm: _interval(reps["group_auc"][:, k], ci) for k, nm in enumerate(names)
-                },
-            }
+            entry["ci"] = _attribute_ci(boot, attribute, table.codes, names, ci, n_boot, seed)
         summary["attributes"][attribute] = entry
     return summary
 
@@ -306,20 +317,6 @@ def _summarize_multiclass(
             ),
         }
         if boot is not None:
-            reps = boot["attributes"][attribute]
-            assert np.array_equal(reps["codes"], table.codes), "bootstrap groups out of step"
-            entry["ci"] = {
-                "level": float(ci),
-                "n_boot": int(n_boot),
-                "seed": int(seed),
-                "auc": _interval(boot["overall"]["auc"], ci),
-                "es_auc": _interval(reps["es_auc"], ci),
-                "es_acc": _interval(reps["es_acc"], ci),
-                "dpd": _interval(reps["dpd"], ci),
-                "deodds": _interval(reps["deodds"], ci),
-                "group_auc": {
-                    nm: _interval(reps["group_auc"][:, j], ci) for j, nm in enumerate(names)
-                },
-            }
+            entry["ci"] = _attribute_ci(boot, attribute, table.codes, names, ci, n_boot, seed)
         summary["attributes"][attribute] = entry
     return summary
