@@ -381,3 +381,79 @@ def test_report_says_which_verdict_each_modality_got():
     assert rows["B"].endswith("slightly behind (CI reaches below 0.02)")
     assert rows["C"].endswith("UNDER-TRAINED")
     assert "method: {name: multifair_adam, unimodal_weight: 1}" in report
+
+
+# ---------------------------------------------------------------------------------------
+# data with missing modalities
+
+
+def test_imbalance_is_measured_on_the_patients_that_have_the_modality():
+    """Absent patients carry NaN (head) and no score (unimodal run): the AUCs are sklearn's on
+    the others; a garbage score there would have moved them."""
+    scores = scores_with(head_d=0.6, alone_d=1.4, seed=2)
+    have = np.random.default_rng(0).random(len(scores.y)) > 0.3
+    scores.present = {"A": np.ones_like(have), "B": have}
+    scores.heads["B"][:, ~have] = np.nan
+    scores.alone["B"][:, ~have] = np.nan
+    result = dg.modality_imbalance(scores, n_boot=200)
+    head = np.mean([roc_auc_score(scores.y[have], s[have]) for s in scores.heads["B"]])
+    alone = np.mean([roc_auc_score(scores.y[have], s[have]) for s in scores.alone["B"]])
+    assert result["B"]["head_auc"] == pytest.approx(head, abs=1e-12)
+    assert result["B"]["alone_auc"] == pytest.approx(alone, abs=1e-12)
+    assert result["B"]["n"] == have.sum() and result["A"]["n"] == len(have)
+    lo, hi = result["B"]["ci"]
+    assert lo <= alone - head <= hi
+    split = dg.diagnose_split(scores, n_boot=200, n_perm=100)
+    assert split["missing"]["B"] == pytest.approx(1 - have.mean())
+    assert np.isfinite([split["modalities"][m]["head_auc"] for m in "AB"]).all()
+
+
+def test_the_recommendation_says_it_handles_missing_modalities():
+    for lag, gap in [(True, False), (False, True), (True, True)]:
+        rec = dg.recommend(_imbalance(lag), _gaps(race=gap), train_attribute="race", image_encoders=False, missing={"A": 0.0, "B": 0.12})  # fmt: skip
+        assert "B 12% of validation" in rec.why and "missing_modalities: mask" in rec.why
+        assert "A 0%" not in rec.why
+    plain = dg.recommend(_imbalance(True), _gaps(race=True), train_attribute="race", image_encoders=False)  # fmt: skip
+    assert "lack a modality" not in plain.why
+
+
+def test_diagnose_on_a_table_with_a_missing_block(tmp_path, capsys):
+    """`multifair data synth --missing B=...`: erm masks B; the unimodal runs read their own
+    modality's patients; (a) compares on those; the confirm config has only rows that run
+    on that data (every recommended method supports missing modalities)."""
+    import pandas as pd
+
+    from multifair.data.synthetic import SynthKnobs, generate
+    from multifair.evaluation.benchmark import load_benchmark
+
+    knobs = SynthKnobs(flavour="table", scenario="main", table_order=2, n=900, missing={"B": [0.3, 0.3, 0.05]})  # fmt: skip
+    generate(knobs, tmp_path / "data", progress=False)
+    out = tmp_path / "diag"
+    recipe = CONFIGS / "benchmarks" / "synth_table_recipe.yaml"
+    args = [str(recipe), "--data", str(tmp_path / "data" / "table.yaml"), "--epochs", "3"]
+    assert main(["diagnose", *args, "--seeds", "1", "--n-boot", "200", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    diagnosis = json.loads((out / "diagnosis.json").read_text())
+    val = diagnosis["splits"]["val"]
+    erm = pd.read_csv(out / "runs" / "erm" / "seed0" / "predictions_val.csv")
+    alone = pd.read_csv(out / "runs" / "unimodal_B" / "seed0" / "predictions_val.csv")
+    have = erm["present_B"].to_numpy() == 1
+    assert 0 < (~have).sum() and set(alone["sample_id"]) == set(erm["sample_id"][have])
+    assert val["modalities"]["B"]["n"] == have.sum() and val["modalities"]["A"]["n"] == len(erm)
+    assert val["missing"]["B"] == pytest.approx(1 - have.mean())
+    assert val["modalities"]["B"]["head_auc"] == pytest.approx(roc_auc_score(erm["label"][have], erm["aux_score_B"][have]), abs=1e-12)  # fmt: skip
+    by_id = alone.set_index("sample_id")["score"]
+    assert val["modalities"]["B"]["alone_auc"] == pytest.approx(roc_auc_score(erm["label"][have], by_id[erm["sample_id"][have]]), abs=1e-12)  # fmt: skip
+    assert f"(the {have.sum()} of {len(erm)} patients that have B)" in printed
+    rec = diagnosis["recommendation"]
+    if rec["kind"] != "none":
+        assert "missing_modalities: mask" in rec["why"]
+        bench, _ = load_benchmark(out / "confirm.yaml")
+        assert not any(m.label.endswith(" only") for m in bench.methods)
+    # every recommendable line trains on such data (the trainer's two checks)
+    from multifair.methods.base import METHODS, build_method
+
+    for block in (dg.UNIMODAL, dg.GROUP_WEIGHTS, dg.STACKING, dg.BLIND_STACKING, dg.UNIMODAL_STACKING):  # fmt: skip
+        params = {k: v for k, v in block.items() if k != "name"}
+        assert METHODS.get(block["name"]).supports_missing
+        build_method(block["name"], params, ["A", "B"], 3).check_missing(True)

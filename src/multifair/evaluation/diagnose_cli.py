@@ -121,10 +121,18 @@ def modality_kinds(data: Any) -> dict[str, str]:
 
 
 def run_config(
-    raw: dict[str, Any], method: dict[str, Any], seed: int, run_dir: Path, epochs: int | None
+    raw: dict[str, Any],
+    method: dict[str, Any],
+    seed: int,
+    run_dir: Path,
+    epochs: int | None,
+    only: str | None = None,
 ) -> Any:
     """One run's resolved config: the user's settings, this method and seed, no per-epoch bars,
-    predictions of the validation and test splits written (what the analysis reads)."""
+    predictions of the validation and test splits written (what the analysis reads). `only`:
+    read that modality only (`data.modalities: [only]`) - a unimodal run on data with missing
+    modalities, which then has the patients that have it (one lacking every modality read is
+    dropped by `data.missing_modalities: mask`)."""
     from multifair import config as _config
     from multifair.training.config import resolve_run_config
 
@@ -132,7 +140,7 @@ def run_config(
     train: dict[str, Any] = {"seed": seed, "progress": False}
     if epochs is not None:
         train["epochs"] = epochs
-    layer = {
+    layer: dict[str, Any] = {
         "method": method,
         "train": train,
         "output": {
@@ -140,7 +148,19 @@ def run_config(
             "predictions": list(dict.fromkeys([*predictions, "val", "test"])),
         },
     }
+    if only is not None:
+        layer["data"] = {"modalities": [only]}
     return resolve_run_config(base=_config.deep_merge(raw, layer))
+
+
+def lacks_modalities(run_dir: Path) -> bool:
+    """Whether a finished run's data has missing modalities (`present_*` prediction columns)."""
+    from multifair.training.inference import PRESENT_PREFIX
+
+    path = run_dir / "predictions_val.csv"
+    with path.open(encoding="utf-8") as stream:
+        header = stream.readline().strip().split(",")
+    return any(c.startswith(PRESENT_PREFIX) for c in header)
 
 
 def plan(modalities: Sequence[str], seeds: int) -> list[tuple[str, dict[str, Any], int]]:
@@ -187,7 +207,12 @@ def train_runs(
     bar = tqdm(total=len(runs), desc="diagnose", unit="run", disable=not tty, dynamic_ncols=True)
     for i, (label, method, seed) in enumerate(runs, 1):
         run_dir = out / "runs" / label / f"seed{seed}"
-        cfg = run_config(raw, method, seed, run_dir, epochs)
+        # data with missing modalities (seen in erm's predictions: erm runs first in a seed):
+        # a unimodal model cannot mask its only modality, so it reads that modality's patients
+        only = None
+        if method["name"] == "unimodal" and lacks_modalities(done[("erm", seed)]):
+            only = method["modality"]
+        cfg = run_config(raw, method, seed, run_dir, epochs, only)
         bar.set_postfix_str(f"{label} seed {seed}")
         t0 = time.perf_counter()
         reused = _finished(run_dir, cfg)
@@ -214,7 +239,7 @@ def read_scores(
     """The split's predictions of every run, aligned by sample_id to erm seed 0's order."""
     import pandas as pd
 
-    from multifair.training.inference import AUX_SCORE_PREFIX
+    from multifair.training.inference import AUX_SCORE_PREFIX, PRESENT_PREFIX
 
     def frame(label: str, seed: int) -> pd.DataFrame:
         path = runs[(label, seed)] / f"predictions_{split}.csv"
@@ -225,19 +250,29 @@ def read_scores(
     order = first.index
     attributes = [c for c in first.columns if f"{c}_name" in first.columns]
 
-    def aligned(label: str, seed: int) -> pd.DataFrame:
+    present = {
+        c[len(PRESENT_PREFIX) :]: first[c].to_numpy(np.int64) == 1
+        for c in first.columns
+        if c.startswith(PRESENT_PREFIX)
+    }
+
+    def aligned(label: str, seed: int, have: np.ndarray | None = None) -> pd.DataFrame:
+        """`have`: the patients the run predicts (a unimodal run on data with missing
+        modalities: those with its modality); the others get NaN scores."""
         table = frame(label, seed)
-        if set(table.index) != set(order):
+        expected = set(order if have is None else order[have])
+        if set(table.index) != expected:
             raise UserError(f"{runs[(label, seed)]}: predictions_{split}.csv has other patients")
-        return table.loc[order]
+        return table.reindex(order)
 
     erm = [aligned("erm", s) for s in range(seeds)]
     heads, alone = {}, {}
     if len(modalities) > 1:
         for m in modalities:
             heads[m] = np.stack([t[f"{AUX_SCORE_PREFIX}{m}"].to_numpy(float) for t in erm])
+            have = present.get(m)
             alone[m] = np.stack(
-                [aligned(f"unimodal_{m}", s)["score"].to_numpy(float) for s in range(seeds)]
+                [aligned(f"unimodal_{m}", s, have)["score"].to_numpy(float) for s in range(seeds)]
             )
     return dg.SplitScores(
         y=first["label"].to_numpy(np.int64),
@@ -248,6 +283,7 @@ def read_scores(
         fused=np.stack([t["score"].to_numpy(float) for t in erm]),
         heads=heads,
         alone=alone,
+        present=present,
     )
 
 
@@ -264,9 +300,12 @@ def confirm_config(
     train_attribute: str,
     out: Path,
     epochs: int | None,
+    missing: bool = False,
 ) -> dict[str, Any]:
     """A `multifair benchmark` config: erm against the recommendation on the user's data, 5
-    paired seeds, with the single-modality rows as reference lines."""
+    paired seeds, with the single-modality rows as reference lines - except on data with
+    missing modalities (`missing`), where a single-modality model predicts only the patients
+    that have its modality, not the split the other rows are compared on."""
     overrides = dict(given)
     if epochs is not None:
         overrides = {**overrides, "train": {**overrides.get("train", {}), "epochs": epochs}}
@@ -274,7 +313,7 @@ def confirm_config(
     for _, block in rec.lines:
         if block is not None:
             methods.append({"label": dg.label(block), "method": dict(block)})
-    if len(modalities) > 1:
+    if len(modalities) > 1 and not missing:
         methods += [
             {"label": f"{m} only", "method": {"name": "unimodal", "modality": m}}
             for m in modalities
@@ -374,12 +413,21 @@ def run(args: argparse.Namespace) -> int:
         splits["val"]["groups"],
         train_attribute=train_attribute,
         image_encoders=any(k in ("image", "volume") for k in kinds.values()),
+        missing=splits["val"]["missing"],
     )
     confirm = None
     if rec.kind != "none":
         confirm = out / "confirm.yaml"
         cfg = confirm_config(
-            rec, config, given, args.data, modalities, train_attribute, out, args.epochs
+            rec,
+            config,
+            given,
+            args.data,
+            modalities,
+            train_attribute,
+            out,
+            args.epochs,
+            missing=bool(splits["val"]["missing"]),
         )
         confirm.write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True), "utf-8")
     diagnosis = {

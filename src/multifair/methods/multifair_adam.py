@@ -312,14 +312,6 @@ class MultiFairAdam(GroupStackingHook, Method):
         self.uses_attribute_at_test = params.group_fusion == "stacking"
         self.fits_after_selection = params.group_fusion != "off"
 
-    def check_missing(self, has_missing: bool) -> None:
-        if has_missing and self.params.group_fusion != "off":
-            raise UserError(
-                "method 'multifair_adam': group_fusion stacking mixes every modality head's score "
-                "for every sample and does not support missing modalities; set "
-                "method.group_fusion: off or data.missing_modalities to drop or impute"
-            )
-
     def setup(self, model: nn.Module) -> None:
         if self.params.group_fusion != "off":
             self.group_stack = build_stacking(
@@ -336,7 +328,8 @@ class MultiFairAdam(GroupStackingHook, Method):
             )
         # blind_stacking never reads the attribute: the batch need not carry one
         groups = batch["group"] if self.params.group_fusion == "stacking" else None
-        out.logits = self.group_stack(out.logits, out.aux_logits, groups)
+        # missing modalities: an absent modality's head margin enters the stacking as 0
+        out.logits = self.group_stack(out.logits, out.aux_logits, groups, batch.get("present"))
         return out
 
     # State added after the first release of this method: a checkpoint written before it lacks
