@@ -638,3 +638,15 @@ def test_stacking_block_shows_each_groups_mean_fitted_weights(tmp_path, make_run
     (tmp_path / "p").mkdir()
     (plain,) = bt.build_tables(bm.collect(populate(tmp_path / "p", make_run_dir)[1]), n_boot=0)
     assert not any("stacking" in b[0] for b in br.table_blocks(plain))
+
+
+def test_attribute_mark_is_added_once():
+    from multifair.evaluation.benchmark_report import _row_name
+    from multifair.evaluation.benchmark_tables import Row
+
+    def row(label: str, aware: bool) -> Row:
+        return Row(label, label, "x", None, None, [0], {}, {}, {}, {}, "auc", aware, False)
+
+    assert _row_name(row("stacking", True)) == "stacking †"
+    assert _row_name(row("stacking †", True)) == "stacking †"
+    assert _row_name(row("erm", False)) == "erm"

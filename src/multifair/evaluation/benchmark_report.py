@@ -52,7 +52,9 @@ def _fmt_paired(p: Paired | None) -> str:
 
 
 def _row_name(row: Row) -> str:
-    name = row.variant + (f" {ATTRIBUTE_MARK}" if row.uses_attribute_at_test else "")
+    # a label that already carries the mark (e.g. "stacking †") keeps one, not two
+    marked = row.uses_attribute_at_test and ATTRIBUTE_MARK not in row.variant
+    name = row.variant + (f" {ATTRIBUTE_MARK}" if marked else "")
     return name + (" (reference)" if row.reference_only else "")
 
 
