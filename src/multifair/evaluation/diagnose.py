@@ -384,8 +384,8 @@ def _recommend(
                 BLIND_STACKING,
                 (
                     "On images, one recombination of the modality heads for everyone, fitted with "
-                    "group weights (`blind_stacking`), gave ES-AUC +0.026 [+0.020, +0.032] at -0.004 "
-                    "AUC over 10 new synthetic image draws"
+                    "group weights (`blind_stacking`), gave ES-AUC +0.023 [+0.018, +0.028] at "
+                    "-0.005 AUC over 20 new synthetic image draws"
                 ),
             )
         else:
