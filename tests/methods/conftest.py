@@ -14,6 +14,8 @@ import torch
 from multifair.methods.base import StepContext
 from multifair.models.classifier import MultimodalClassifier
 from multifair.models.factory import build_model
+from multifair.training.distributed import DistEnv
+from multifair.training.trainer import train_step
 
 IN_FEATURES = 5
 
@@ -85,6 +87,23 @@ def make_ctx(model: torch.nn.Module, n_groups: int, step: int = 0) -> StepContex
         gather=identity,
         scale=identity,
         model=model,
+    )
+
+
+def one_step(batch: dict[str, Any], *, model, method, optimizer, groups, ctx: StepContext):
+    """One `train_step` on one batch in one process: no AMP, no loss scaling, clipping 0.8."""
+    return train_step(
+        [batch],
+        model=model,
+        method=method,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        groups=groups,
+        ctx=ctx,
+        lr_scale=1.0,
+        clip=0.8,
+        amp_dtype=None,
+        env=DistEnv(),
     )
 
 

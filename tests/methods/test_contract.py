@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_ctx, tiny_batch, tiny_model
+from conftest import make_ctx, one_step, tiny_batch, tiny_model
 from torch import nn
 
 import multifair.methods  # noqa: F401  (registers every method)
 from multifair.methods.base import METHODS, Method, StepContext, build_method
 from multifair.training.config import TrainConfig
-from multifair.training.distributed import DistEnv
-from multifair.training.trainer import build_optimizer, train_step
+from multifair.training.trainer import build_optimizer
 
 MODS = ["a", "b"]
 G = 3
@@ -54,18 +53,8 @@ def test_one_step_contract(name: str) -> None:
     method.train()
     assert isinstance(method.on_epoch_start(ctx), dict)
     optimizer, groups = build_optimizer(model, method, TrainConfig(lr=1e-3), torch.device("cpu"))
-    result = train_step(
-        [batch],
-        model=model,
-        method=method,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        groups=groups,
-        ctx=ctx,
-        lr_scale=1.0,
-        clip=0.8,
-        amp_dtype=None,
-        env=DistEnv(),
+    result = one_step(
+        batch, model=model, method=method, optimizer=optimizer, groups=groups, ctx=ctx
     )
     assert isinstance(method.on_epoch_end(ctx), dict)
 

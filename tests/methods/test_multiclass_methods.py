@@ -13,16 +13,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_ctx, tiny_batch
+from conftest import make_ctx, one_step, tiny_batch
 
 import multifair.methods  # noqa: F401  (registers every method)
 from multifair.errors import UserError
 from multifair.methods.base import METHODS, build_method
 from multifair.models.factory import build_model
 from multifair.training.config import TrainConfig
-from multifair.training.distributed import DistEnv
 from multifair.training.inference import Predictions
-from multifair.training.trainer import build_optimizer, train_step
+from multifair.training.trainer import build_optimizer
 
 K, G = 3, 3
 REFUSE = {"multifair", "multifair_released"}  # binary AUC signals and gradient modulation
@@ -57,18 +56,8 @@ def test_each_method_trains_three_classes_or_refuses_at_build(name):
     method.train()
     method.on_epoch_start(ctx)
     optimizer, groups = build_optimizer(model, method, TrainConfig(lr=1e-3), torch.device("cpu"))
-    result = train_step(
-        [batches[0]],
-        model=model,
-        method=method,
-        optimizer=optimizer,
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        groups=groups,
-        ctx=ctx,
-        lr_scale=1.0,
-        clip=0.8,
-        amp_dtype=None,
-        env=DistEnv(),
+    result = one_step(
+        batches[0], model=model, method=method, optimizer=optimizer, groups=groups, ctx=ctx
     )
     method.on_epoch_end(ctx)
     assert torch.isfinite(result.loss.total), f"{name}: non-finite 3-class loss"

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_ctx, tiny_batch, tiny_model
+from conftest import make_ctx, one_step, tiny_batch, tiny_model
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -28,9 +28,8 @@ from multifair.methods.multifair_adam import (
 from multifair.methods.signals import macro_ovr_auc, macro_pairwise_surrogate_auc, ovr_margins
 from multifair.metrics import roc_auc
 from multifair.training.config import TrainConfig
-from multifair.training.distributed import DistEnv
 from multifair.training.inference import Predictions
-from multifair.training.trainer import build_optimizer, train_step
+from multifair.training.trainer import build_optimizer
 
 G = 3
 
@@ -84,18 +83,8 @@ def _binary_run(params: dict) -> str:
         batch = tiny_batch(modalities, size=32, n_groups=G, seed=step)
         ctx = make_ctx(model, G, step=step)
         ctx.total_steps = 12
-        result = train_step(
-            [batch],
-            model=model,
-            method=method,
-            optimizer=optimizer,
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            groups=groups,
-            ctx=ctx,
-            lr_scale=1.0,
-            clip=0.8,
-            amp_dtype=None,
-            env=DistEnv(),
+        result = one_step(
+            batch, model=model, method=method, optimizer=optimizer, groups=groups, ctx=ctx
         )
         put("total", result.loss.total)
         for key in sorted(result.loss.parts):
