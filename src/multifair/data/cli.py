@@ -18,6 +18,22 @@ from typing import Any
 from multifair.errors import UserError
 
 
+def _per_modality(items: list[str], flag: str, letter: str) -> dict[str, list[float]]:
+    """`MODALITY=X` or `MODALITY=X,X,X` items (one value, or one per race group) -> a dict."""
+    out = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep:
+            raise UserError(
+                f"{flag} {item!r}: expected MODALITY={letter} or MODALITY={letter},{letter},{letter}"
+            )
+        try:
+            out[name.strip()] = _floats(values)
+        except argparse.ArgumentTypeError as exc:
+            raise UserError(f"{flag} {item!r}: {exc}") from None
+    return out
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -199,26 +215,8 @@ def _synth(args: argparse.Namespace) -> int:
             knobs[name] = value
     for flag in ("compress", "csv_bom", "slo_jpg"):
         knobs[flag] = getattr(args, flag)
-    signal = {}
-    for item in args.signal:
-        name, sep, values = item.partition("=")
-        if not sep:
-            raise UserError(f"--signal {item!r}: expected MODALITY=D or MODALITY=D,D,D")
-        try:
-            signal[name.strip()] = _floats(values)
-        except argparse.ArgumentTypeError as exc:
-            raise UserError(f"--signal {item!r}: {exc}") from None
-    knobs["signal"] = signal
-    missing = {}
-    for item in args.missing:
-        name, sep, values = item.partition("=")
-        if not sep:
-            raise UserError(f"--missing {item!r}: expected MODALITY=R or MODALITY=R,R,R")
-        try:
-            missing[name.strip()] = _floats(values)
-        except argparse.ArgumentTypeError as exc:
-            raise UserError(f"--missing {item!r}: {exc}") from None
-    knobs["missing"] = missing
+    knobs["signal"] = _per_modality(args.signal, "--signal", "D")
+    knobs["missing"] = _per_modality(args.missing, "--missing", "R")
     k = validate(SynthKnobs, knobs, source="data synth")
     meta = generate(k, args.out, force=args.force)
     print(f"wrote {meta['n']} {args.flavour} subjects ({k.scenario}, {k.size}) to {args.out}")
