@@ -47,7 +47,7 @@ def test_end_to_end_writes_metrics_json_and_report(tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0, err
     summary = json.loads((out_dir / "metrics.json").read_text())
-    assert list(summary["attributes"]) == ["race", "gender", "race|gender"]
+    assert list(summary["attributes"]) == ["race", "gender", "race*gender"]
     # The numbers are the oracles' on the same rows (unknown gender dropped for gender only).
     y, p = frame["y"].to_numpy(), frame["p"].to_numpy()
     assert summary["overall"]["auc"] == pytest.approx(roc_auc_score(y, p))
@@ -69,7 +69,7 @@ def test_end_to_end_writes_metrics_json_and_report(tmp_path, capsys):
     assert race["deodds"] == pytest.approx(
         equalized_odds_difference(y, y_pred, sensitive_features=frame["race"])
     )
-    inter = [g["name"] for g in summary["attributes"]["race|gender"]["groups"]]
+    inter = [g["name"] for g in summary["attributes"]["race*gender"]["groups"]]
     assert "White|Female" in inter and len(inter) == 6
     assert race["ci"]["n_boot"] == 30 and race["ci"]["seed"] == 5
     # The printed table and the report.

@@ -194,7 +194,7 @@ def test_intersect_names_and_unknowns():
         ["race", "gender"],
         {"race": {0: "White", 1: "Black"}, "gender": {0: "Female", 1: "Male"}},
     )
-    assert name == "race|gender"
+    assert name == "race*gender"
     assert [names.get(c, "?") if c >= 0 else "unknown" for c in codes] == [
         "White|Male",
         "Black|Female",

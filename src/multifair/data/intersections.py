@@ -32,10 +32,10 @@ import numpy as np
 
 from multifair.errors import UserError
 from multifair.metrics.fairness import UNKNOWN
-from multifair.metrics.groups import group_name, intersect
+from multifair.metrics.groups import ATTRIBUTE_SEP, GROUP_SEP, group_name, intersect
 
-PART_SEP = "*"  # between attribute names: race*gender
-NAME_SEP = "|"  # between group names: Black|Female
+PART_SEP = ATTRIBUTE_SEP  # between attribute names: race*gender
+NAME_SEP = GROUP_SEP  # between group names: Black|Female
 POOL = "other"  # <value>|other: the small groups of one first-attribute value
 WHOLE = "*"  # <value>|*: every group of that value
 

@@ -75,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--intersect",
         action="store_true",
-        help="also evaluate the intersection of the attributes (e.g. race|gender)",
+        help="also evaluate the intersection of the attributes (e.g. race*gender, groups like Black|Female)",
     )
     p.add_argument(
         "--threshold",

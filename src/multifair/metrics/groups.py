@@ -56,14 +56,19 @@ def encode_groups(
     return codes, dict(enumerate(names))
 
 
+ATTRIBUTE_SEP = "*"  # between attribute names: race*gender (as data.attribute spells it)
+GROUP_SEP = "|"  # between group names: Black|Female
+
+
 def intersect(
     sensitive_features: Mapping[str, object],
     attributes: Sequence[str],
     group_names: Mapping[str, Mapping[int, str]] | None = None,
     *,
-    sep: str = "|",
+    sep: str = GROUP_SEP,
 ) -> tuple[str, np.ndarray, dict[int, str]]:
-    """An intersectional attribute from several: ("race|gender", codes (n,), {code: "White|Female"}).
+    """An intersectional attribute from several: ("race*gender", codes (n,), {code: "White|Female"})
+    (the attribute named as `data.attribute` spells it for training).
 
     A sample is unknown (-1) when any of its attributes is unknown. Codes follow the sorted order
     of the code tuples, so they are deterministic."""
@@ -84,4 +89,4 @@ def intersect(
     for k, combo in enumerate(combos):
         parts = [group_name(c, (group_names or {}).get(a)) for a, c in zip(attributes, combo)]
         names[k] = sep.join(parts)
-    return sep.join(attributes), codes, names
+    return ATTRIBUTE_SEP.join(attributes), codes, names
