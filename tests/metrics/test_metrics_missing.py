@@ -81,3 +81,16 @@ def test_single_class_pattern_has_no_auc_and_the_table_prints():
     assert one_group["patterns"][0]["attributes"]["g"]["es_auc"] is None
     text = format_missingness(out)
     assert "a missing" in text and "all present" in text and "missing modalities by g" in text
+
+
+def test_a_pattern_whose_samples_all_have_an_unknown_group():
+    """Only unknown-group samples lack the fundus: that pattern has no group table (it used
+    to raise 'every sample has an unknown group' and stop the audit or the training run)."""
+    y, score, group, present = _data()
+    present["fundus"] = group != -1
+    present["oct"] = np.ones(len(y), dtype=bool)
+    out = summarize_missingness(y, score, present, sensitive_features={"race": group})
+    patterns = {p["pattern"]: p for p in out["patterns"]}
+    assert patterns["fundus missing"]["n"] == 5
+    assert patterns["fundus missing"]["attributes"]["race"] == {"es_auc": None, "groups": []}
+    assert len(patterns["all present"]["attributes"]["race"]["groups"]) == 3

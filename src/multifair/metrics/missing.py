@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from multifair.metrics.fairness import UNKNOWN, accuracy, es_auc, group_auc, roc_auc
+from multifair.metrics.groups import group_name
 
 ALL_PRESENT = "all present"
 
@@ -70,6 +71,9 @@ def summarize_missingness(
         for attribute, codes in sensitive_features.items():
             g = np.asarray(codes, dtype=np.int64)[rows]
             known = g != UNKNOWN
+            if not known.any():  # every sample of this pattern has an unknown group
+                entry["attributes"][attribute] = {"es_auc": None, "groups": []}
+                continue
             aucs = group_auc(y[rows], s[rows], groups=g)
             groups = []
             for code in sorted(set(g[known].tolist())):
@@ -77,7 +81,7 @@ def summarize_missingness(
                 groups.append(
                     {
                         "code": int(code),
-                        "name": names_by.get(attribute, {}).get(int(code), str(code)),
+                        "name": group_name(int(code), names_by.get(attribute)),
                         "n": int(member.sum()),
                         "positives": int(y[rows][member].sum()) if binary else None,
                         "auc": _finite(aucs.get(int(code), float("nan"))),
@@ -96,7 +100,7 @@ def summarize_missingness(
         rates[attribute] = [
             {
                 "code": int(code),
-                "name": names_by.get(attribute, {}).get(int(code), str(code)),
+                "name": group_name(int(code), names_by.get(attribute)),
                 "n": int((g == code).sum()),
                 "missing": {m: float(np.mean(~p[g == code])) for m, p in have.items()},
             }
