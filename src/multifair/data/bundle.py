@@ -162,11 +162,16 @@ class DataBundle:
         return 2 if classes is None else len(classes)
 
     @property
+    def lacking(self) -> set[str]:
+        """The modalities some kept sample of some split lacks."""
+        counts = self.missing.get("absent", {})
+        return {m for per_split in counts.values() for m, n in per_split.items() if n}
+
+    @property
     def has_missing(self) -> bool:
         """True when some kept sample of some split lacks a modality (batches then carry
         `present`)."""
-        counts = self.missing.get("absent", {})
-        return any(n for per_split in counts.values() for n in per_split.values())
+        return bool(self.lacking)
 
     def describe_missing(self) -> str:
         """One line: samples lacking each modality, per split."""
@@ -278,10 +283,8 @@ class DataBundle:
                 lines.append(f"  {attribute}: merged (< {fitted['min_group_size']}): {merged}")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad file(s)")
-        for split, counts in self.missing.get("absent", {}).items():
-            absent = {m: n for m, n in counts.items() if n}
-            if absent:
-                lines.append(f"  {split}: missing modalities (samples) {absent}")
+        if self.has_missing:
+            lines.append(f"  missing modalities (samples): {self.describe_missing()}")
         for split, n in self.missing.get("dropped", {}).items():
             if n:
                 lines.append(f"  {split}: dropped {n} sample(s) ({self.missing.get('policy')})")

@@ -378,7 +378,10 @@ def _train(
     method_cls = METHODS.get(cfg.method.name)
     modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
     specs = {m: data.modalities[m] for m in modalities}
-    if data.has_missing and not method_cls.supports_missing:
+    # only the modalities this model reads count (a unimodal model of a complete modality
+    # trains on data where another one is missing)
+    missing = bool(data.lacking & set(modalities))
+    if missing and not method_cls.supports_missing:
         raise UserError(
             f"method {cfg.method.name!r} does not support missing modalities (some samples lack "
             f"one: {data.describe_missing()}); use a method that does ({supporting_methods()}) "
@@ -389,10 +392,10 @@ def _train(
         specs,
         dataset_modalities=list(data.modalities),
         n_classes=data.n_classes,
-        missing=data.has_missing,
+        missing=missing,
     ).to(device)
     method = build_method(cfg.method.name, params, modalities, n_groups, data.n_classes)
-    method.check_missing(data.has_missing)  # options that cannot handle it refuse here
+    method.check_missing(missing)  # options that cannot handle it refuse here
     method.setup(model)  # parameters whose shapes depend on the model (FIN)
     method.to(device)
     distributed.broadcast_state(model, env)
