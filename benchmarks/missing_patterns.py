@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from multifair.csvcheck import PRESENT_PREFIX
 from multifair.metrics import summarize_missingness
-from multifair.training.inference import PRESENT_PREFIX
 
 
 def read_runs(root: Path, attribute: str) -> dict[str, dict[str, dict[int, pd.DataFrame]]]:

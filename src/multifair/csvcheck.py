@@ -8,6 +8,12 @@ from pathlib import Path
 
 from multifair.errors import UserError
 
+# Column prefixes of a run's predictions CSVs (training.inference writes them; audit and
+# diagnose read them back; here so that reading them needs no torch)
+AUX_SCORE_PREFIX = "aux_score_"  # + modality: that modality's auxiliary head
+PRESENT_PREFIX = "present_"  # + modality: 1 if the sample has it (data with missing modalities)
+SCORE_PREFIX = "score_"  # + class name: multi-class probability columns, in class order
+
 SEPARATORS = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from multifair import __version__
-from multifair.csvcheck import check_csv_header
+from multifair.csvcheck import PRESENT_PREFIX, SCORE_PREFIX, check_csv_header
 from multifair.errors import UserError, writing
 from multifair.metrics import (
     SINGLE_CLASS_POLICIES,
@@ -38,13 +38,9 @@ from multifair.metrics import (
     summarize,
     summarize_missingness,
 )
-from multifair.training.inference import PRESENT_PREFIX
 
 __all__ = ["Predictions", "add_parser", "demo_predictions", "load_predictions", "run"]
 
-# multi-class probability columns, as a run writes them (training.inference.SCORE_PREFIX; not
-# imported from there so that `audit` does not import torch)
-SCORE_PREFIX = "score_"
 
 DEMO_ATTRIBUTES = ("race", "gender", "ethnicity")
 

@@ -155,7 +155,7 @@ def run_config(
 
 def lacks_modalities(run_dir: Path) -> bool:
     """Whether a finished run's data has missing modalities (`present_*` prediction columns)."""
-    from multifair.training.inference import PRESENT_PREFIX
+    from multifair.csvcheck import PRESENT_PREFIX
 
     path = run_dir / "predictions_val.csv"
     with path.open(encoding="utf-8") as stream:
@@ -239,7 +239,7 @@ def read_scores(
     """The split's predictions of every run, aligned by sample_id to erm seed 0's order."""
     import pandas as pd
 
-    from multifair.training.inference import AUX_SCORE_PREFIX, PRESENT_PREFIX
+    from multifair.csvcheck import AUX_SCORE_PREFIX, PRESENT_PREFIX
 
     def frame(label: str, seed: int) -> pd.DataFrame:
         path = runs[(label, seed)] / f"predictions_{split}.csv"

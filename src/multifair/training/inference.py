@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from multifair.csvcheck import AUX_SCORE_PREFIX, PRESENT_PREFIX, SCORE_PREFIX
 from multifair.errors import UserError
 from multifair.training.distributed import DistEnv
 
@@ -322,13 +323,6 @@ def _present_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
     have = np.isfinite(scores) if scores.ndim == 1 else np.isfinite(scores).all(axis=1)
     return roc_auc(labels[have], scores[have]) if have.any() else float("nan")
-
-
-AUX_SCORE_PREFIX = "aux_score_"  # + modality: that modality's auxiliary head in predictions CSVs
-PRESENT_PREFIX = "present_"  # + modality: 1 if the sample has it (data with missing modalities)
-
-
-SCORE_PREFIX = "score_"  # + class name: multi-class probability columns, in class order
 
 
 def class_names(preds: Predictions) -> list[str]:
