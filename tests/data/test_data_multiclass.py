@@ -144,3 +144,13 @@ def test_inspect_reads_the_classes(amd_tree):
     assert train["negatives"] == sum(1 for y in stages if y == 0)
     binary = inspect_tree(root, "fairvision", label_key="glaucoma", progress=False)
     assert binary["problems"] and all(p["key"] == "glaucoma" for p in binary["problems"])
+
+
+def test_synthetic_fairvlmed_refuses_a_multiclass_label():
+    from pydantic import ValidationError
+
+    from multifair.data.synthetic import SynthKnobs
+
+    with pytest.raises(ValidationError, match="FairVLMed has a binary glaucoma label only"):
+        SynthKnobs(flavour="fairvlmed", n_classes=3)
+    assert SynthKnobs(flavour="fairvision", n_classes=4).n_classes == 4

@@ -134,6 +134,11 @@ class SynthKnobs(BaseModel):
                 raise ValueError(f"missing: {m!r} is not a {self.flavour} modality {list(names)}")
             if len(rates) not in (1, 3) or not all(0 <= r <= 1 for r in rates):
                 raise ValueError(f"missing.{m}: one rate or three (Asian, Black, White) in [0, 1]")
+        if self.n_classes > 2 and self.flavour == "fairvlmed":
+            raise ValueError(
+                "n_classes: FairVLMed has a binary glaucoma label only; multi-class labels are "
+                "written for the fairvision (amd_condition) and table flavours"
+            )
         if self.split is not None and (len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6):
             raise ValueError("split: three fractions (train, val, test) summing to 1")
         if self.degenerate is not None:
