@@ -153,15 +153,7 @@ def summarize(
     for attribute, groups in sensitive_features.items():
         table = disaggregate(y, s, groups=groups, threshold=threshold, unknown=unknown)
         names = [group_name(c, group_names.get(attribute)) for c in table.codes]
-        if len(table.codes) < 2:
-            raise UserError(
-                f"attribute {attribute!r} has a single group ({names[0]!r}"
-                f"{', after dropping unknown -1 values' if table.dropped_unknown else ''}): "
-                "group fairness metrics need at least two groups"
-            )
-        if len(set(names)) != len(names):
-            dup = next(nm for nm in names if names.count(nm) > 1)
-            raise UserError(f"attribute {attribute!r}: two group codes share the name {dup!r}")
+        _check_group_names(attribute, names, table.dropped_unknown)
         present = np.ones(len(table.codes), dtype=bool)
         single = [nm for nm, note in zip(names, table.auc_notes) if note is not None]
         std_ratio, range_ratio = disparity_ratios(
