@@ -21,21 +21,21 @@ from multifair.errors import UserError
 def test_class_spec_from_a_list_a_mapping_and_a_preset():
     spec = make_class_spec(["none", "Mild", 2])
     assert spec.names == ["none", "Mild", "2"]
-    assert [spec.index(v, "y") for v in ("none", " mild ", 2, 2.0, "2")] == [0, 1, 2, 2, 2]
+    assert [spec.index(v) for v in ("none", " mild ", 2, 2.0, "2")] == [0, 1, 2, 2, 2]
     grouped = make_class_spec({"no": ["a", "b"], "yes": "c"})
-    assert [grouped.index(v, "y") for v in ("a", "b", "c")] == [0, 0, 1]
+    assert [grouped.index(v) for v in ("a", "b", "c")] == [0, 0, 1]
     amd = make_class_spec("fairvision_amd")
     assert amd.names == ["normal", "early", "intermediate", "late"]
-    assert amd.index("wet.amd.inactive.scar", "amd_condition") == 3
-    assert amd.index("not.in.icd.table", "amd_condition") == 0
+    assert amd.index("wet.amd.inactive.scar") == 3
+    assert amd.index("not.in.icd.table") == 0
     dr = make_class_spec("fairvision_dr")
-    assert [dr.index(v, "dr_subtype") for v in ("no.dr.diagnosis", "moderate.npdr", "pdr")] == [
+    assert [dr.index(v) for v in ("no.dr.diagnosis", "moderate.npdr", "pdr")] == [
         0,
         1,
         2,
     ]
     with pytest.raises(ValueError, match=r"label 'severe' is not one of data.classes"):
-        spec.index("severe", "column 'stage'")
+        spec.index("severe")
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ kind are rejected when set (so a typo'd or misplaced key fails at load time, nam
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,16 +111,20 @@ class ClassSpec(_Strict):
     names: list[str]
     values: dict[str, list[str]]  # class name -> raw keys (`class_key`)
 
+    @cached_property
+    def _lookup(self) -> dict[str, int]:  # built once: `index` runs once per row or file
+        return self.lookup()
+
     def lookup(self) -> dict[str, int]:
         return {v: k for k, name in enumerate(self.names) for v in self.values[name]}
 
-    def index(self, raw: Any, where: str) -> int:
-        """The class index of a raw label value; an unknown value raises ValueError naming it."""
-        key = class_key(raw)
-        found = self.lookup().get(key)
+    def index(self, raw: Any) -> int:
+        """The class index of a raw label value; an unknown value raises ValueError naming it
+        (the caller adds where it was read)."""
+        found = self._lookup.get(class_key(raw))
         if found is None:
             known = [v for name in self.names for v in self.values[name]]
-            raise ValueError(f"{where}: label {raw!r} is not one of data.classes {known}")
+            raise ValueError(f"label {raw!r} is not one of data.classes {known}")
         return found
 
 

@@ -107,14 +107,12 @@ def _inspect_file(
             try:
                 raw = z.scalar(label_key)
                 info["label"] = (
-                    label_value(raw, label_key)
-                    if classes is None
-                    else classes.index(raw, label_key)
+                    label_value(raw, label_key) if classes is None else classes.index(raw)
                 )
             except (BadFile, BadValue) as exc:
                 problem(label_key, exc.message)
             except ValueError as exc:  # a value outside data.classes
-                problem(label_key, str(exc).split(": ", 1)[1])
+                problem(label_key, str(exc))
         for attribute in ATTRIBUTES:
             key = z.first_key(ATTRIBUTE_KEYS[attribute])
             if key is None:

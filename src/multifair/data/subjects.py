@@ -145,9 +145,9 @@ def _label(raw: Any, key: str, classes: ClassSpec | None) -> int:
     if classes is None:
         return label_value(raw, key)
     try:
-        return classes.index(raw, key)
+        return classes.index(raw)
     except ValueError as exc:
-        raise BadValue(key, str(exc).split(": ", 1)[1]) from None
+        raise BadValue(key, str(exc)) from None
 
 
 def scan_file(

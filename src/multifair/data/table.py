@@ -214,9 +214,9 @@ def _labels(
                 raise BadValue(where, "label is missing (NaN/empty)")
             if classes is not None:  # multi-class: the class index
                 try:
-                    out[i] = classes.index(value, where)
+                    out[i] = classes.index(value)
                 except ValueError as exc:
-                    raise BadValue(where, str(exc).split(": ", 1)[1]) from None
+                    raise BadValue(where, str(exc)) from None
             elif rule is not None:
                 try:
                     x = float(value)
