@@ -640,8 +640,10 @@ def disaggregate_multiclass(
         count, sel, tpr, fpr = _ovr_rates(y[m], pred[m], k)
         rows["n"].append(int(m.sum()))
         rows["cnt"].append(count)
-        rows["auc"].append(_macro_auc(y[m], p[m]))
-        rows["cauc"].append([_auc((y[m] == c).astype(np.int64), p[m, c]) for c in range(k)])
+        class_auc = [_auc((y[m] == c).astype(np.int64), p[m, c]) for c in range(k)]
+        # the macro AUC from the same per-class AUCs; NaN when a class is absent (_macro_auc)
+        rows["auc"].append(float(np.mean(class_auc)) if (count > 0).all() else float("nan"))
+        rows["cauc"].append(class_auc)
         rows["acc"].append(float(np.mean(pred[m] == y[m])))
         rows["sel"].append(sel)
         rows["tpr"].append(tpr)
