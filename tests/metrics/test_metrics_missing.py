@@ -94,3 +94,12 @@ def test_a_pattern_whose_samples_all_have_an_unknown_group():
     assert patterns["fundus missing"]["n"] == 5
     assert patterns["fundus missing"]["attributes"]["race"] == {"es_auc": None, "groups": []}
     assert len(patterns["all present"]["attributes"]["race"]["groups"]) == 3
+
+
+def test_inputs_of_another_length_are_one_clear_error():
+    from multifair.errors import UserError
+
+    y, score, group, present = _data()
+    present["oct"] = present["oct"][:-1]
+    with pytest.raises(UserError, match=r"y_true has 600 entries but .*present\['oct'\].*599"):
+        summarize_missingness(y, score, present, sensitive_features={"race": group})

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from multifair.errors import UserError
 from multifair.metrics.fairness import UNKNOWN, accuracy, es_auc, group_auc, roc_auc
 from multifair.metrics.groups import group_name
 
@@ -53,6 +54,11 @@ def summarize_missingness(
     y = np.asarray(y_true, dtype=np.int64)
     s = np.asarray(y_score, dtype=np.float64)
     have = {m: np.asarray(p, dtype=bool) for m, p in present.items()}
+    columns = {"y_score": len(s), **{f"present[{m!r}]": len(p) for m, p in have.items()}}
+    columns |= {f"groups {a!r}": len(np.asarray(c)) for a, c in sensitive_features.items()}
+    wrong = {name: n for name, n in columns.items() if n != len(y)}
+    if wrong:
+        raise UserError(f"y_true has {len(y)} entries but {wrong}: one entry per prediction")
     names = pattern_names(have)
     binary = s.ndim == 1  # multi-class: (N, K) probabilities, no "positives" to count
     names_by = group_names or {}
