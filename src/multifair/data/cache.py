@@ -69,7 +69,7 @@ def cache_settings(cfg: DataConfig) -> dict[str, Any]:
         settings.update(note=cfg.note, note_from=cfg.note_from, lowercase_note=cfg.lowercase_note)
         if not cfg.note_fallback:  # only when not the default, so existing caches stay valid
             settings["note_fallback"] = False
-    if cfg.missing_modalities == "impute":  # an absent npz key is then a bad file, not absent
+    if not cfg.absent_is_missing:  # an absent npz key is then a bad file, not absent
         settings["missing_modalities"] = "impute"
     return settings
 

@@ -411,6 +411,12 @@ class DataConfig(_Strict):
                 )
         return self
 
+    @property
+    def absent_is_missing(self) -> bool:
+        """Whether an absent modality (empty block, empty path, absent npz array) is a missing
+        modality; under `impute` it is data (tabular) or a bad row/file (image, volume)."""
+        return self.missing_modalities != "impute"
+
     def class_spec(self) -> ClassSpec | None:
         """The multi-class label's classes, or None for a binary (0/1) label."""
         classes = self.classes

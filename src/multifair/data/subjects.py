@@ -228,7 +228,7 @@ def scan_split(
     read_note = bool(text) and cfg.note_from == "npz" and fmt.kind == "fairvlmed"
     classes = cfg.class_spec()
     ids, paths, labels, ages_out, notes = [], [], [], [], []
-    allow_missing = cfg.missing_modalities != "impute"
+    allow_missing = cfg.absent_is_missing
     absent: dict[str, list[bool]] = {m: [] for m in modalities}
     note_missing = getattr(note_fn, "missing", None)
     codes: dict[str, list[int]] = {a: [] for a in attributes}

@@ -813,7 +813,7 @@ def prepare_image_cache(
     for m in modalities:
         mod = cfg.columns[m]
         # an empty cell or absent file is a missing modality (not cached) unless `impute`
-        allow_missing = cfg.missing_modalities != "impute"
+        allow_missing = cfg.absent_is_missing
         files, _ = resolve_paths(frame[mod.column].tolist(), str(mod.column), base, allow_missing)
         reader = PathReader(m, mod.kind, unique_files(files), mod.key, cfg.image_size, cfg.oct_slices)  # fmt: skip
         shape = _stored_shape(reader, cfg.skip_bad, source)
@@ -954,7 +954,7 @@ def build(
     # image/volume path columns: the file of each row, read from the cache when it holds them
     image_mods = [m for m in order if cfg.columns[m].kind in ("image", "volume")]
     files: dict[str, list[str | None]] = {}
-    allow_missing = cfg.missing_modalities != "impute"  # impute: an empty path stays a bad row
+    allow_missing = cfg.absent_is_missing  # impute: an empty path stays a bad row
     for m in image_mods:
         files[m], errs = resolve_paths(frame[cfg.columns[m].column].tolist(), cfg.columns[m].column, base, allow_missing)  # fmt: skip
         merge(errs)
@@ -998,14 +998,14 @@ def build(
     present_all: dict[str, np.ndarray] = {}
     for m in order:
         mod = cfg.columns[m]
-        if mod.kind == "tabular":
-            absent = tabular_absent(frame, mod.columns)  # type: ignore[arg-type]
-        elif mod.kind == "text":
-            absent = np.array([_raw_key(v) is None for v in frame[mod.column].tolist()])
-        else:
+        if mod.kind in ("image", "volume"):
             absent = np.array([f is None for f in files[m]], dtype=bool)
-        if cfg.missing_modalities == "impute" and mod.kind != "image" and mod.kind != "volume":
+        elif not cfg.absent_is_missing:
             absent = np.zeros(len(frame), dtype=bool)  # median cells / "" text fed as data
+        elif mod.kind == "tabular":
+            absent = tabular_absent(frame, mod.columns)  # type: ignore[arg-type]
+        else:  # text
+            absent = np.array([_raw_key(v) is None for v in frame[mod.column].tolist()])
         present_all[m] = ~absent
     dropped: dict[str, int] = {}
     for split in sorted(set(assignment[keep].tolist())):
