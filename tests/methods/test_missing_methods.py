@@ -170,9 +170,11 @@ def test_trainer_refuses_an_unsupporting_method(tmp_path, capsys):
     assert "data.missing_modalities" in err
     # a model that reads only the complete modality trains (only its own modalities count)
     config["method"] = {"name": "unimodal", "modality": "a"}
+    config["output"] = {"dir": str(tmp_path / "run_a")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "c.yaml")]) == 0
     config["method"] = {"name": "unimodal", "modality": "b"}
+    config["output"] = {"dir": str(tmp_path / "run_b")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     assert "method 'unimodal' does not support missing modalities" in capsys.readouterr().err
