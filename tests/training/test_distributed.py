@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -38,15 +40,32 @@ COMMON = [
 ]  # fmt: skip
 
 
+# what libstdc++ prints when native code calls std::terminate outside any exception: CI saw
+# rank 0 of one launch die of it (SIGABRT) near the end of epoch 1, in torch's native code
+# (no Python error); 170 launches of the same test under heavy load did not reproduce it
+NATIVE_ABORT = "terminate called without an active exception"
+
+
 def torchrun_train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """Train the diabetes config for 2 epochs in two gloo processes on CPU; must succeed."""
+    """Train the diabetes config for 2 epochs in two gloo processes on CPU; must succeed.
+
+    A launch in which a rank died of that native abort is retried once into a fresh directory,
+    with a warning carrying the Python stacks of the moment (faulthandler): any other failure,
+    or the abort twice, fails the test."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "multifair", "train", str(CONFIGS / "diabetes.yaml"), *COMMON, *overrides,
-        "--out", str(run),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(
+        [*cmd, "--out", str(run)], capture_output=True, text=True, timeout=240, env=env
+    )
+    if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
+        warnings.warn(f"torchrun launch retried after a native abort:\n{proc.stderr[-6000:]}")
+        shutil.rmtree(run, ignore_errors=True)
+        proc = subprocess.run(
+            [*cmd, "--out", str(run)], capture_output=True, text=True, timeout=240, env=env
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
