@@ -450,10 +450,11 @@ def test_diagnose_on_a_table_with_a_missing_block(tmp_path, capsys):
         assert "missing_modalities: mask" in rec["why"]
         bench, _ = load_benchmark(out / "confirm.yaml")
         assert not any(m.label.endswith(" only") for m in bench.methods)
-    # every recommendable line trains on such data (the trainer's two checks)
+    # every recommendable line trains on such data (the trainer refuses a method without
+    # supports_missing)
     from multifair.methods.base import METHODS, build_method
 
     for block in (dg.UNIMODAL, dg.GROUP_WEIGHTS, dg.STACKING, dg.BLIND_STACKING, dg.UNIMODAL_STACKING):  # fmt: skip
         params = {k: v for k, v in block.items() if k != "name"}
         assert METHODS.get(block["name"]).supports_missing
-        build_method(block["name"], params, ["A", "B"], 3).check_missing(True)
+        build_method(block["name"], params, ["A", "B"], 3)

@@ -160,11 +160,6 @@ class Method(nn.Module):
         self.modalities = list(modalities)
         self.n_groups = n_groups
 
-    def check_missing(self, has_missing: bool) -> None:
-        """Called by the trainer once the data is known: refuse (UserError naming the method
-        and the option) a configuration that cannot handle missing modalities. Default:
-        nothing (the class flag `supports_missing` is checked before)."""
-
     def setup(self, model: nn.Module) -> None:
         """Called once by the trainer after the model is built and before the optimizer and
         any checkpoint load: create learnable parameters or buffers whose shapes depend on the

@@ -395,7 +395,6 @@ def _train(
         missing=missing,
     ).to(device)
     method = build_method(cfg.method.name, params, modalities, n_groups, data.n_classes)
-    method.check_missing(missing)  # options that cannot handle it refuse here
     method.setup(model)  # parameters whose shapes depend on the model (FIN)
     method.to(device)
     distributed.broadcast_state(model, env)
