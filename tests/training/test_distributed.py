@@ -61,7 +61,9 @@ def torchrun_train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
         [*cmd, "--out", str(run)], capture_output=True, text=True, timeout=240, env=env
     )
     if proc.returncode != 0 and NATIVE_ABORT in proc.stderr:
-        warnings.warn(f"torchrun launch retried after a native abort:\n{proc.stderr[-6000:]}")
+        warnings.warn(
+            f"torchrun launch retried after a native abort:\n{proc.stderr[-6000:]}", stacklevel=2
+        )
         shutil.rmtree(run, ignore_errors=True)
         proc = subprocess.run(
             [*cmd, "--out", str(run)], capture_output=True, text=True, timeout=240, env=env
