@@ -18,11 +18,15 @@ from multifair.errors import UserError
 
 
 def _all_present(bundle, split: str) -> dict[str, np.ndarray]:
-    """The presence mask as batches deliver it, over a whole split (in order)."""
+    """The presence mask as batches deliver it, over a whole split (in order). Batches carry
+    it for the modalities some sample of the data lacks, exactly; the others are present in
+    every sample."""
     out: dict[str, list[np.ndarray]] = {m: [] for m in bundle.modalities}
     for batch in make_loader(bundle, split, batch_size=64, num_workers=0):
+        assert set(batch["present"]) == bundle.lacking
         for m in bundle.modalities:
-            out[m].append(batch["present"][m].numpy())
+            have = batch["present"].get(m, torch.ones(len(batch["label"]), dtype=torch.bool))
+            out[m].append(have.numpy())
     return {m: np.concatenate(v) for m, v in out.items()}
 
 

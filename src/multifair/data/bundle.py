@@ -79,9 +79,10 @@ class Collator:
 
     kinds: dict[str, ModalityKind]
     attributes: list[str]
-    # emit batch["present"] = {modality: (B,) bool}: set when some sample of the data lacks a
-    # modality (`data.missing_modalities: mask`); without it every modality is present
-    presence: bool = False
+    # emit batch["present"] = {modality: (B,) bool} for these modalities: those some sample of
+    # the data lacks (`data.missing_modalities: mask`); a modality left out is present in every
+    # sample, so its encoder runs on the whole batch (no gather, no host sync)
+    presence: tuple[str, ...] = ()
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not samples:
@@ -107,7 +108,7 @@ class Collator:
         if self.presence:
             batch["present"] = {
                 m: torch.tensor([s.get("present", {}).get(m, True) for s in samples])
-                for m in self.kinds
+                for m in self.presence
             }
         batch["sample_id"] = [s["sample_id"] for s in samples]
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.int64)
@@ -146,7 +147,7 @@ class DataBundle:
         self.collate = Collator(
             kinds={m: s.kind for m, s in self.modalities.items()},
             attributes=list(self.attributes),
-            presence=self.has_missing,
+            presence=tuple(m for m in self.modalities if m in self.lacking),
         )
 
     @property
@@ -170,7 +171,7 @@ class DataBundle:
     @property
     def has_missing(self) -> bool:
         """True when some kept sample of some split lacks a modality (batches then carry
-        `present`)."""
+        `present` for the `lacking` modalities)."""
         return bool(self.lacking)
 
     def describe_missing(self) -> str:

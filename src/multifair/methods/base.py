@@ -28,7 +28,7 @@ tensor value); the loop turns `loss.signals` into numbers only every `log_every`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,6 +50,17 @@ def presence(batch: Mapping[str, Any], modality: str) -> Tensor | None:
     batch carries `present` only for data with missing modalities)."""
     present = batch.get("present")
     return None if present is None else present.get(modality)
+
+
+def presence_matrix(batch: Mapping[str, Any], modalities: Sequence[str]) -> Tensor | None:
+    """(B, M) bool: which samples have each modality, in `modalities` order; None when the
+    batch carries no `present` (every sample has every modality). A modality that `present`
+    leaves out is one no sample of the data lacks: True throughout."""
+    present = batch.get("present")
+    if not present:
+        return None
+    some = next(iter(present.values()))
+    return torch.stack([present.get(m, torch.ones_like(some)) for m in modalities], 1)
 
 
 def masked_ce(logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:

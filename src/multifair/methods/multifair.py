@@ -38,6 +38,7 @@ from multifair.methods.base import (
     StepContext,
     masked_ce,
     presence,
+    presence_matrix,
 )
 from multifair.methods.signals import (
     apply_encoder_factors,
@@ -162,14 +163,13 @@ class MultiFair(Method):
         }
         if group_level:
             columns["surrogate"] = scores_local.T  # (B, M)
-        if "present" in batch:  # missing modalities: per-modality signals on present samples
-            columns["present"] = torch.stack([batch["present"][m].float() for m in mods], 1)
+        have = presence_matrix(batch, mods)  # missing modalities: signals on present samples
+        if have is not None:
+            columns["present"] = have.float()  # (B, M)
         glob = gather_batch(ctx.gather, columns)
         y_all = glob["label"]  # (B_global,)
         have_all = glob["present"].T > 0.5 if "present" in glob else None  # (M, B_global)
-        have_local = (
-            torch.stack([batch["present"][m] for m in mods]) if "present" in batch else None
-        )  # (M, B)
+        have_local = None if have is None else have.T  # (M, B)
 
         signals: dict[str, Tensor] = {}
         factor = ones

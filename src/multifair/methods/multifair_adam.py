@@ -103,6 +103,7 @@ from multifair.methods.base import (
     aux_loss,
     masked_ce,
     presence,
+    presence_matrix,
 )
 from multifair.methods.estimators import require_model, unimodal_logits
 from multifair.methods.group_fusion import (
@@ -536,10 +537,9 @@ class MultiFairAdam(GroupStackingHook, Method):
         else:  # macro one-vs-rest: each class's log-odds against the rest, modality-major
             ovr = torch.stack([ovr_margins(out.aux_logits[m]) for m in self.modalities], 1)
             columns = {"scores": ovr.flatten(1), "label": y}  # (B, M * K)
-        if "present" in batch:  # missing modalities: A_i over the samples that have modality i
-            columns["present"] = torch.stack(
-                [batch["present"][m].float() for m in self.modalities], 1
-            )  # (B, M)
+        local = presence_matrix(batch, self.modalities)  # missing modalities: A_i over the
+        if local is not None:  # samples that have modality i
+            columns["present"] = local.float()  # (B, M)
         cols = gather_batch(ctx.gather, columns)  # (B_global, M)
         have = cols["present"].T > 0.5 if "present" in cols else None  # (M, B_global)
         if n_classes == 2:
