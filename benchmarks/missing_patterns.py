@@ -19,12 +19,13 @@ import math
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from multifair.csvcheck import PRESENT_PREFIX
+from multifair.evaluation.benchmark_tables import paired_difference
 from multifair.metrics import summarize_missingness
 
 
@@ -78,15 +79,16 @@ def metric(result: dict, key: str, *, pattern: str, attribute: str) -> float | N
     return next((g["auc"] for g in a["groups"] if g["name"] == key), None)
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (NaN with one value)."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan
-    if len(x) == 1:
-        return float(x[0]), math.nan
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return float(x.mean()), float(half)
+def mean(values: list[float | None]) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    x = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(x)) if x else math.nan
+
+
+def by_seed_values(by_seed: dict[int, dict], value: Any, key: str) -> dict[int, float]:
+    """seed -> the metric (NaN where the pattern has none, e.g. a group without both classes)."""
+    out = {s: value(result, key) for s, result in by_seed.items()}
+    return {s: math.nan if v is None else v for s, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,23 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = sorted(by_seed)
                 cells = [method, str(len(seeds))]
                 for key in ["auc", "es_auc", *groups]:
-                    mean, _ = mean_ci([value(by_seed[s], key) for s in seeds])
-                    cells.append(f"{mean:.3f}" if math.isfinite(mean) else "-")
+                    avg = mean([value(by_seed[s], key) for s in seeds])
+                    cells.append(f"{avg:.3f}" if math.isfinite(avg) else "-")
                 for key in ["auc", "es_auc"]:
                     if reference is None or method == args.reference:
                         cells.append("")
                         continue
-                    pairs = [
-                        (value(by_seed[s], key), value(reference[s], key))
-                        for s in seeds
-                        if s in reference
-                    ]
-                    paired = [a - b for a, b in pairs if a is not None and b is not None]
-                    mean, half = mean_ci(paired)
+                    d = paired_difference(
+                        by_seed_values(by_seed, value, key), by_seed_values(reference, value, key)
+                    )
                     cells.append(
-                        f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
-                        if math.isfinite(half)
-                        else "-"
+                        f"{d.mean:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}]" if math.isfinite(d.lo) else "-"
                     )
                 print("| " + " | ".join(cells) + " |")
             print()

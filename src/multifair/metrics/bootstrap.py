@@ -21,7 +21,8 @@ there and left out of its percentile interval.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -223,10 +224,7 @@ def bootstrap_metrics(
         )
     y, s, _ = check_inputs(y_true, y_score, threshold=threshold)
     n = len(y)
-    if indices is None:
-        indices = bootstrap_indices(n, n_boot, seed)
-    indices = np.asarray(indices)
-    assert indices.ndim == 2 and indices.shape[1] == n, "indices must be (R, n)"
+    indices = _resamples(indices, n, n_boot, seed)
     y_pred = (s >= threshold).astype(np.int64)
     order = np.argsort(s, kind="stable")  # the one sort every AUC shares
     everyone = _SortedSubset(order, s, y, np.ones(n, dtype=bool))
@@ -234,17 +232,39 @@ def bootstrap_metrics(
     for name, groups in sensitive_features.items():
         _, _, g = check_inputs(y, s, groups, threshold=threshold)
         plans[name] = _AttributePlan(y, s, y_pred, g, order, unknown, everyone)
+    return _drive(indices, y_pred == y, everyone.auc, plans, single_class, alpha)
 
-    correct = (y_pred == y).astype(np.float64)
+
+def _resamples(indices: np.ndarray | None, n: int, n_boot: int, seed: int) -> np.ndarray:
+    """The (R, n) resample indices: the given ones, else the seeded draw."""
+    indices = bootstrap_indices(n, n_boot, seed) if indices is None else np.asarray(indices)
+    assert indices.ndim == 2 and indices.shape[1] == n, "indices must be (R, n)"
+    return indices
+
+
+def _drive(
+    indices: np.ndarray,
+    correct: np.ndarray,
+    everyone_auc: Callable[[np.ndarray], np.ndarray],
+    plans: Mapping[str, Any],
+    single_class: str,
+    alpha: float,
+) -> dict[str, dict]:
+    """The resampling loop shared by binary and multi-class scores: resample counts in chunks
+    (bounded memory), the overall AUC (`everyone_auc(counts)`) and accuracy of each resample,
+    and each attribute plan's replicates; then the chunks stacked into `bootstrap_metrics`'
+    return value."""
+    n = len(correct)
+    correct = np.asarray(correct, dtype=np.float64)
     chunk = max(1, _CHUNK_ELEMENTS // n)
     parts_overall: list[dict[str, np.ndarray]] = []
     parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in plans}
     for start in range(0, indices.shape[0], chunk):
         counts = resample_counts(indices[start : start + chunk], n)  # (r, n)
-        everyone_auc = everyone.auc(counts)  # (r,)
-        parts_overall.append({"auc": everyone_auc, "acc": counts @ correct / n})
+        auc = everyone_auc(counts)  # (r,)
+        parts_overall.append({"auc": auc, "acc": counts @ correct / n})
         for name, plan in plans.items():
-            parts[name].append(plan.replicates(counts, everyone_auc, single_class, alpha))
+            parts[name].append(plan.replicates(counts, auc, single_class, alpha))
 
     def stack(chunks: list[dict[str, np.ndarray]], key: str) -> np.ndarray:
         if not chunks:  # n_boot == 0
@@ -356,10 +376,7 @@ def _bootstrap_multiclass(
     """`bootstrap_metrics` for (n, K) class probabilities (same resamples for a given seed)."""
     y, p, _ = check_multiclass_inputs(y_true, y_score)
     n, k = p.shape
-    if indices is None:
-        indices = bootstrap_indices(n, n_boot, seed)
-    indices = np.asarray(indices)
-    assert indices.ndim == 2 and indices.shape[1] == n, "indices must be (R, n)"
+    indices = _resamples(indices, n, n_boot, seed)
     pred = p.argmax(axis=1)
     orders = [np.argsort(p[:, c], kind="stable") for c in range(k)]
     everyone = [_SortedSubset(orders[c], p[:, c], y == c, np.ones(n, dtype=bool)) for c in range(k)]
@@ -367,28 +384,6 @@ def _bootstrap_multiclass(
     for name, groups in sensitive_features.items():
         _, _, g = check_multiclass_inputs(y, p, groups)
         plans[name] = _MultiClassPlan(y, p, pred, g, orders, unknown, everyone)
-    correct = (pred == y).astype(np.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // n)
-    parts_overall: list[dict[str, np.ndarray]] = []
-    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in plans}
-    for start in range(0, indices.shape[0], chunk):
-        counts = resample_counts(indices[start : start + chunk], n)
-        everyone_auc = _macro(everyone, counts)
-        parts_overall.append({"auc": everyone_auc, "acc": counts @ correct / n})
-        for name, plan in plans.items():
-            parts[name].append(plan.replicates(counts, everyone_auc, single_class, alpha))
-
-    def stack(chunks: list[dict[str, np.ndarray]], key: str) -> np.ndarray:
-        return np.concatenate([c[key] for c in chunks], axis=0) if chunks else np.empty((0,))
-
-    out: dict[str, dict] = {
-        "overall": {key: stack(parts_overall, key) for key in ("auc", "acc")},
-        "attributes": {},
-    }
-    for name, plan in plans.items():
-        keys = parts[name][0].keys() if parts[name] else ()
-        out["attributes"][name] = {
-            "codes": plan.codes,
-            **{key: stack(parts[name], key) for key in keys},
-        }
-    return out
+    return _drive(
+        indices, pred == y, lambda counts: _macro(everyone, counts), plans, single_class, alpha
+    )
