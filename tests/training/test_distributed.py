@@ -6,15 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from test_resume import assert_same_state
 
 from multifair.cli import main
 from multifair.metrics import summarize
@@ -188,3 +192,54 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
         assert a["attributes"]["sex"]["es_auc"] == pytest.approx(
             b["attributes"]["sex"]["es_auc"], abs=1e-6
         )
+
+
+@pytest.mark.distributed
+def test_sigterm_to_torchrun_stops_every_rank_after_one_step_and_resumes_exactly(tmp_path):
+    """torchrun passes a SIGTERM on to every rank; the ranks agree at the next log step (one
+    all_reduce), finish it, write last.pt with the epoch part-way and exit 143. A torchrun
+    `--resume` reaches the same weights, optimizer state and metrics as a launch that was never
+    stopped (each rank's RNG and its share of the epoch's batches restored)."""
+    same = ["train.epochs=4", "train.batch_size=8", "train.log_every=1"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    torchrun_train(straight, *same)
+    launcher = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "multifair", "train",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(
+        [*launcher, str(CONFIGS / "diabetes.yaml"), *COMMON, *same, "--out", str(stopped)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    log, deadline = stopped / "log.jsonl", time.monotonic() + 180
+    while not (log.exists() and log.read_text()):  # the first step record: mid-epoch 1
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no step record within 180 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler's pre-emption does
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0, err
+    stops = re.findall(r"multifair train: stopped by SIGTERM after step (\d+) ", err)
+    assert len(stops) == 2 and stops[0] == stops[1], err  # both ranks, the same step
+    assert f"resume with multifair train --resume {stopped}" in err
+    assert not (stopped / "metrics.json").exists()
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == int(stops[0]) and len(state["rng"]) == 2
+    # part-way through an epoch (never after its last step): 265 training rows, 2 ranks x 8,
+    # 17 steps an epoch (the sampler pads the last batch)
+    assert state["partial"]["steps"] == state["step"] % 17 > 0
+
+    resumed = subprocess.run(
+        [*launcher, "--resume", str(stopped)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (straight, stopped))
+    for key in ("selected_epoch", "val", "test", "replica_digests"):
+        assert m1[key] == m2[key], key
+    a, b = (
+        torch.load(r / "checkpoints" / "last.pt", weights_only=True) for r in (straight, stopped)
+    )
+    assert a["step"] == b["step"] and "partial" not in b
+    for part in ("model", "method", "optimizer"):
+        assert_same_state(a[part], b[part], part)  # bit-identical

@@ -168,6 +168,16 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when `flag` is True on some rank (one all_reduce of one number and a
+    host sync: call it where the loop syncs anyway); `flag` itself in one process."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -513,8 +513,10 @@ def _train(
                 ckpt_dir / "last.pt",
             )
 
-    # SIGTERM (a scheduler's pre-emption) finishes the step, checkpoints and stops; one process only
-    stop = _StopRequest(enabled=not env.distributed)
+    # SIGTERM (a scheduler's pre-emption; torchrun passes one on to every rank) finishes the
+    # step, checkpoints and stops. Under torchrun the ranks agree at log steps (`any_rank`, where
+    # the loop syncs anyway), so all of them stop after the same step.
+    stop = _StopRequest(enabled=True)
     try:
         for epoch in range(start_epoch, tc.epochs):
             # ---- train one epoch ----
@@ -581,7 +583,7 @@ def _train(
                     _check_finite(first_bad, epoch, record, ckpt_dir)
                     bar.set_postfix(loss=f"{record['loss/total']:.4f}")
                 bar.update()
-                if stop.signal is not None and done < steps_per_epoch:
+                if done < steps_per_epoch and _stop_now(stop, env, step % tc.log_every == 0):
                     bar.close()
                     _check_finite(first_bad, epoch, {}, ckpt_dir)  # never checkpoint a NaN
                     save_last(
@@ -596,10 +598,10 @@ def _train(
                         },
                     )
                     raise Stopped(
-                        f"stopped by {stop.name} after step {step} (epoch {epoch + 1}, step "
-                        f"{done}/{steps_per_epoch}), checkpointed; resume with multifair train "
-                        f"--resume {run_dir}",
-                        exit_code=128 + stop.signal,
+                        f"stopped by {stop.name or 'a signal to another rank'} after step "
+                        f"{step} (epoch {epoch + 1}, step {done}/{steps_per_epoch}), "
+                        f"checkpointed; resume with multifair train --resume {run_dir}",
+                        exit_code=128 + (stop.signal or signal.SIGTERM),
                     )
             bar.close()
             epoch_stats.update(method.on_epoch_end(make_ctx(epoch, step)) or {})
@@ -843,10 +845,18 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
         return {"peak_memory_bytes": None, "peak_memory_kind": None}
 
 
+def _stop_now(stop: _StopRequest, env: DistEnv, log_step: bool) -> bool:
+    """Stop after this step? In one process: when a SIGTERM came. Under torchrun: at log steps
+    only, when one came to ANY rank (every rank takes part, so all leave together)."""
+    if not env.distributed:
+        return stop.signal is not None
+    return log_step and distributed.any_rank(stop.signal is not None, env)
+
+
 class _StopRequest:
     """Remembers a SIGTERM instead of dying of it, so the loop can finish the step it is in,
-    write a checkpoint and stop (exit 143). Installed only in the main thread of a single
-    process (under torchrun every rank would have to agree on the step)."""
+    write a checkpoint and stop (exit 143). Installed only in the main thread (every rank's,
+    under torchrun)."""
 
     def __init__(self, enabled: bool) -> None:
         self.signal: int | None = None
