@@ -202,6 +202,20 @@ def test_table_image_text_and_empty_sample(tmp_path):
     assert torch.equal(a["scan"], b["scan"])
 
 
+def test_table_named_but_absent_files_are_counted_and_none_existing_is_an_error(tmp_path, caplog):
+    csv = _image_table(tmp_path)
+    with caplog.at_level("WARNING", logger="multifair.data.table"):
+        build_data(_image_cfg(csv, cache="off"), ("train",))
+    assert "column 'scan': 1 of 38 files it names do not exist" in caplog.text
+    assert "does_not_exist.npy" in caplog.text
+    # a wrong folder: every named file absent is an error, not a modality missing for everyone
+    frame = pd.read_csv(csv)
+    frame["scan"] = [f"elsewhere/{v}" if isinstance(v, str) else v for v in frame["scan"]]
+    frame.to_csv(csv, index=False)
+    with pytest.raises(UserError, match=r"column 'scan': none of the 38 files it names exists"):
+        build_data(_image_cfg(csv, cache="off"), ("train",))
+
+
 def test_table_impute_keeps_the_old_empty_path_error(tmp_path):
     csv = _image_table(tmp_path)
     with pytest.raises(UserError, match="row 3: column 'scan': empty path"):

@@ -714,9 +714,12 @@ def resolve_paths(
 ) -> tuple[list[str | None], list[str]]:
     """The file each row's path cell names (relative paths: from the table's folder); an empty
     cell is None and a row error. With `allow_missing` (a missing modality is allowed) an
-    empty cell or a file that does not exist is None without an error: the row lacks it."""
+    empty cell or a file that does not exist is None without an error: the row lacks it - a
+    logged warning counts the files named but absent, and when NONE of the named files exists
+    (a wrong folder, not missing scans) it is an error."""
     files: list[str | None] = []
     errors = [""] * len(values)
+    named, absent = 0, []
     for i, raw in enumerate(values):
         key = _raw_key(raw)
         if key is None:
@@ -726,7 +729,23 @@ def resolve_paths(
             continue
         path = Path(key)
         path = path if path.is_absolute() else base / path
-        files.append(None if allow_missing and not path.exists() else str(path))
+        named += 1
+        if allow_missing and not path.exists():
+            absent.append(path)
+            files.append(None)
+        else:
+            files.append(str(path))
+    if absent and len(absent) == named:
+        raise UserError(
+            f"column {column!r}: none of the {named} files it names exists (first: {absent[0]}); "
+            f"relative paths are read from the table's folder {base}"
+        )
+    if absent:
+        log.warning(
+            "column %r: %d of %d files it names do not exist (first: %s): those rows lack the "
+            "modality",
+            column, len(absent), named, absent[0],
+        )  # fmt: skip
     return files, errors
 
 
