@@ -277,3 +277,19 @@ def test_fairvlmed_missing_note(tmp_path):
     batch = next(iter(make_loader(masked, "train", 64, num_workers=0)))
     texts = [t for t, p in zip(batch["note"], batch["present"]["note"].tolist()) if not p]
     assert set(texts) == {"no clinical notes available"}
+
+
+def test_a_modality_no_training_sample_has_is_an_error(tmp_path):
+    """OCT missing for every patient (a tree without volumes, a wrong key) is not a missing
+    modality to mask: nothing could learn it. The error names it and data.modalities."""
+    knobs = SynthKnobs(
+        flavour="fairvision", n=40, fundus_shape=[16, 16], oct_shape=[4, 16, 16],
+        missing={"oct": [1.0]},
+    )  # fmt: skip
+    generate(knobs, tmp_path, progress=False)
+    cfg = DataConfig(
+        kind="fairvision", root=tmp_path, image_size=8, oct_slices=2, num_workers=0, cache="off"
+    )
+    with pytest.raises(UserError, match=r"split 'train': no sample has modality 'oct'.*data\.modalities"):  # fmt: skip
+        build_data(cfg)
+    assert not build_data(cfg.model_copy(update={"modalities": ["fundus"]})).has_missing

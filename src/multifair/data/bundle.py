@@ -304,6 +304,13 @@ def missing_policy(
         return np.ones(0, dtype=bool), 0
     stacked = np.stack([np.asarray(p, dtype=bool) for p in present.values()])  # (M, N)
     names = list(present)
+    if split == "train" and stacked.shape[1] and policy != "drop":
+        never = [m for m, row in zip(names, stacked) if not row.any()]
+        if never:  # nothing to learn it from: a wrong folder or key, or a modality to leave out
+            raise UserError(
+                f"{source}: split 'train': no sample has modality {never[0]!r}; check where its "
+                "files come from, or leave it out (data.modalities lists the ones to read)"
+            )
     if policy == "error" and not stacked.all():
         m, i = (int(v[0]) for v in np.nonzero(~stacked))
         raise UserError(
