@@ -179,9 +179,15 @@ def test_multifair_adam_readme_blocks_train_three_classes(table, tmp_path, block
             assert len(weights) == 3 and all(np.isfinite(w) and w > 0 for w in weights)
 
 
-def test_multifair_adam_group_stacking_refuses_three_classes_in_one_line(table, tmp_path, capsys):
-    args = [*TINY, "method.name=multifair_adam", "method.group_fusion=stacking"]
+@pytest.mark.parametrize("name", ["multifair_adam", "fin"])
+@pytest.mark.parametrize("fusion", ["stacking", "blind_stacking"])
+def test_group_stacking_refuses_three_classes_in_one_line(table, tmp_path, capsys, name, fusion):
+    args = [*TINY, f"method.name={name}", f"method.group_fusion={fusion}"]
     assert main(["train", str(table / "table.yaml"), *args, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "group_fusion: stacking needs a binary label" in err[0]
+    assert (
+        len(err) == 1 and f"method {name!r}: group_fusion: {fusion} needs a binary label" in err[0]
+    )
     assert "data has 3 classes" in err[0]
+    # refused when the method is built: no model was built, no checkpoint written
+    assert not list(tmp_path.rglob("*.pt"))

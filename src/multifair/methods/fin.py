@@ -26,13 +26,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from multifair.methods.base import METHODS, Method, ModelOutput
+from multifair.methods.base import METHODS, Method, MethodParams, ModelOutput
 from multifair.methods.group_fusion import (
     GroupFusionParams,
     GroupStacking,
     GroupStackingHook,
     SharedStacking,
     build_stacking,
+    check_fusion_classes,
 )
 from multifair.methods.signals import group_masks, unwrap_model
 
@@ -80,6 +81,10 @@ class FIN(GroupStackingHook, Method):
         self.normalizer: FairIdentityNormalizer | None = None  # created in setup (needs d)
         self.group_stack: GroupStacking | SharedStacking | None = None
         self.fits_after_selection = params.group_fusion != "off"
+
+    @classmethod
+    def check_classes(cls, params: MethodParams, n_classes: int) -> None:
+        check_fusion_classes("fin", params, n_classes)  # FIN itself trains K classes
 
     def setup(self, model: nn.Module) -> None:
         model = unwrap_model(model)

@@ -375,6 +375,18 @@ class GroupStacking(nn.Module):
 
 
 # ---- the pieces a method needs to offer `group_fusion: stacking` ------------------------------
+def check_fusion_classes(method: str, params: Any, n_classes: int) -> None:
+    """A method's `check_classes` part for `group_fusion`: stacking recombines binary logit
+    margins, so a K-class run refuses it when the method is built, before any data is read."""
+    fusion = getattr(params, "group_fusion", "off")
+    if n_classes != 2 and fusion != "off":
+        raise UserError(
+            f"method {method!r}: group_fusion: {fusion} needs a binary label (data has "
+            f"{n_classes} classes): it recombines the heads' binary logit margins; set "
+            "method.group_fusion: off (the rest of the method trains K classes)"
+        )
+
+
 def build_stacking(
     model: nn.Module, n_groups: int, method: str, fusion: str = "stacking"
 ) -> GroupStacking | SharedStacking:

@@ -92,7 +92,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from multifair.errors import UserError
 from multifair.methods.base import (
     METHODS,
     LossOutput,
@@ -112,6 +111,7 @@ from multifair.methods.group_fusion import (
     GroupStackingHook,
     SharedStacking,
     build_stacking,
+    check_fusion_classes,
 )
 from multifair.methods.signals import (
     binary_auc,
@@ -278,13 +278,7 @@ class MultiFairAdam(GroupStackingHook, Method):
     def check_classes(cls, params: MethodParams, n_classes: int) -> None:
         # levels, group weights, the gap loss and the unimodal loss take K classes (macro
         # one-vs-rest); the post-hoc stacking recombines binary margins only
-        fusion = getattr(params, "group_fusion", "off")
-        if n_classes != 2 and fusion != "off":
-            raise UserError(
-                f"method 'multifair_adam': group_fusion: {fusion} needs a binary label (data "
-                f"has {n_classes} classes): it recombines the heads' binary logit margins; set "
-                "method.group_fusion: off (the rest of the method trains K classes)"
-            )
+        check_fusion_classes("multifair_adam", params, n_classes)
 
     def __init__(self, params: MultiFairAdamParams, modalities: list[str], n_groups: int) -> None:
         super().__init__(params, modalities, n_groups)
