@@ -9,7 +9,10 @@ t-interval over seeds; then the missingness rates by group.
 Reads each run's predictions_test.csv. A run without presence columns (`data.missing_modalities:
 impute` feeds the placeholders as data, so every modality counts as present) takes the
 patterns of another run on the same dataset, matched by sample_id: the rows are the same
-patients, and the pattern is a property of the patient's files.
+patients, and the pattern is a property of the patient's files. The patterns come from a run
+of the SAME seed where there is one: with `synth.resample` every seed is its own data draw,
+with its own patients missing a modality (and the same sample_ids). Pattern sizes and rates
+are printed per seed when every seed has the same, else as the mean over seeds.
 """
 
 from __future__ import annotations
@@ -40,14 +43,28 @@ def read_runs(root: Path, attribute: str) -> dict[str, dict[str, dict[int, pd.Da
     return out
 
 
-def presence(frames: dict[str, dict[int, pd.DataFrame]]) -> pd.DataFrame:
-    """sample_id -> present_<modality> columns, from any run that wrote them."""
-    for by_seed in frames.values():
-        for frame in by_seed.values():
-            cols = [c for c in frame.columns if c.startswith(PRESENT_PREFIX)]
-            if cols:
-                return frame[["sample_id", *cols]]
-    raise SystemExit("no run of this dataset has presence columns: no missing modalities?")
+def presence(frames: dict[str, dict[int, pd.DataFrame]], seed: int | None = None) -> pd.DataFrame:
+    """sample_id -> present_<modality> columns, from a run of `seed` that wrote them (with
+    resampled data each seed is its own draw), else from any run that wrote them (one draw
+    shared by every seed; a note on stderr when `seed` was asked for)."""
+    found = [
+        (s, frame[["sample_id", *cols]])
+        for by_seed in frames.values()
+        for s, frame in by_seed.items()
+        if (cols := [c for c in frame.columns if c.startswith(PRESENT_PREFIX)])
+    ]
+    if not found:
+        raise SystemExit("no run of this dataset has presence columns: no missing modalities?")
+    same = [f for s, f in found if s == seed]
+    if same:
+        return same[0]
+    if seed is not None:
+        print(
+            f"note: no run of seed {seed} has presence columns; using seed {found[0][0]}'s "
+            "(right only if every seed reads the same data draw)",
+            file=sys.stderr,
+        )
+    return found[0][1]
 
 
 def per_pattern(frame: pd.DataFrame, present: pd.DataFrame, attribute: str) -> dict:
@@ -69,14 +86,71 @@ def per_pattern(frame: pd.DataFrame, present: pd.DataFrame, attribute: str) -> d
 
 
 def metric(result: dict, key: str, *, pattern: str, attribute: str) -> float | None:
-    """One number of one run's per-pattern summary: "auc", "es_auc" or a group's AUC."""
-    entry = next(p for p in result["patterns"] if p["pattern"] == pattern)
+    """One number of one run's per-pattern summary: "auc", "es_auc" or a group's AUC (None
+    where the run's draw has no such pattern)."""
+    entry = next((p for p in result["patterns"] if p["pattern"] == pattern), None)
+    if entry is None:
+        return None
     if key == "auc":
         return entry["auc"]
     a = entry["attributes"][attribute]
     if key == "es_auc":
         return a["es_auc"]
     return next((g["auc"] for g in a["groups"] if g["name"] == key), None)
+
+
+def _number(values: list[float]) -> str:
+    """One number if every seed has it, else the mean over seeds (one decimal)."""
+    if len(set(values)) == 1:
+        return f"{values[0]:g}"
+    return f"{np.mean(values):.1f}"
+
+
+def _varies(per_seed: dict[int, dict], attribute: str) -> bool:
+    sizes = {
+        tuple((p["pattern"], p["n"]) for p in r["patterns"])
+        + tuple((g["name"], g["n"]) for g in r["rates"][attribute])
+        for r in per_seed.values()
+    }
+    return len(sizes) > 1
+
+
+def sizes_note(per_seed: dict[int, dict]) -> str:
+    first = next(iter(per_seed.values()))
+    if _varies(per_seed, next(iter(first["rates"]))):
+        return "sizes and rates: mean per seed (each seed reads its own data draw)"
+    return "sizes and rates: the same for every seed"
+
+
+def rates_line(per_seed: dict[int, dict], attribute: str) -> str:
+    first = next(iter(per_seed.values()))["rates"][attribute]
+    parts = []
+    for j, group in enumerate(first):
+        rows = [r["rates"][attribute][j] for r in per_seed.values()]
+        n = _number([row["n"] for row in rows])
+        shares = ", ".join(
+            f"{m} {100 * np.mean([row['missing'][m] for row in rows]):.0f}%"
+            for m in group["missing"]
+        )
+        parts.append(f"{group['name']} (n={n}) {shares}")
+    return "; ".join(parts)
+
+
+def pattern_size(per_seed: dict[int, dict], pattern: str, attribute: str) -> str:
+    """n=...: group sizes of one pattern (a seed without the pattern counts 0)."""
+    entries = [next((p for p in r["patterns"] if p["pattern"] == pattern), None) for r in per_seed.values()]  # fmt: skip
+    n = _number([e["n"] if e else 0 for e in entries])
+    names = [g["name"] for g in next(iter(per_seed.values()))["rates"][attribute]]
+    by_group = []
+    for name in names:
+        counts = [
+            next((g["n"] for g in e["attributes"][attribute]["groups"] if g["name"] == name), 0)
+            if e
+            else 0
+            for e in entries
+        ]
+        by_group.append(f"{name} {_number(counts)}")
+    return f"n={n}: " + ", ".join(by_group)
 
 
 def mean(values: list[float | None]) -> float:
@@ -113,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         label = args.presence_dataset or next(iter(datasets))
         if label not in datasets:
             raise SystemExit(f"--presence-dataset {label!r}: not in {sorted(datasets)}")
-        source = presence(datasets[label])
+        source = datasets[label]
     for dataset, methods in read_runs(args.root, attribute).items():
-        present = presence(methods) if source is None else source
+        frames = methods if source is None else source
         if source is not None:  # the control's own (all-present) columns make way
             methods = {
                 m: {
@@ -125,33 +199,25 @@ def main(argv: list[str] | None = None) -> int:
                 for m, by_seed in methods.items()
             }
         results = {
-            m: {seed: per_pattern(f, present, attribute) for seed, f in by_seed.items()}
+            m: {
+                seed: per_pattern(f, presence(frames, seed), attribute)
+                for seed, f in by_seed.items()
+            }
             for m, by_seed in methods.items()
         }
-        any_result = next(iter(next(iter(results.values())).values()))
+        # one result per seed (every method of a seed reads the same patients)
+        per_seed = {s: r for by_seed in results.values() for s, r in by_seed.items()}
+        any_result = next(iter(per_seed.values()))
         groups = [r["name"] for r in any_result["rates"][attribute]]
-        patterns = [p["pattern"] for p in any_result["patterns"]]
-        print(f"## {dataset}: test split, mean over seeds; Δ = paired difference to {args.reference} (95% t-interval over seeds)\n")  # fmt: skip
-        rates = any_result["rates"][attribute]
-        print(
-            "missing by "
-            + attribute
-            + ": "
-            + "; ".join(
-                f"{r['name']} (n={r['n']}) "
-                + ", ".join(f"{m} {100 * v:.0f}%" for m, v in r["missing"].items())
-                for r in rates
-            )
-            + "\n"
+        patterns = list(
+            dict.fromkeys(p["pattern"] for r in per_seed.values() for p in r["patterns"])
         )
+        print(f"## {dataset}: test split, mean over seeds; Δ = paired difference to {args.reference} (95% t-interval over seeds)\n")  # fmt: skip
+        print(f"{len(per_seed)} seeds; {sizes_note(per_seed)}\n")
+        print("missing by " + attribute + ": " + rates_line(per_seed, attribute) + "\n")
         reference = results.get(args.reference)
         for pattern in patterns:
-            counts = next(p for p in any_result["patterns"] if p["pattern"] == pattern)
-            by_group = {
-                g["name"]: g["n"] for g in counts["attributes"][attribute]["groups"]
-            }  # group sizes in this pattern
-            size = ", ".join(f"{k} {v}" for k, v in by_group.items())
-            print(f"### {pattern} (n={counts['n']}: {size})\n")
+            print(f"### {pattern} ({pattern_size(per_seed, pattern, attribute)})\n")
             header = ["method", "seeds", "AUC", "ES-AUC", *groups, "ΔAUC", "ΔES-AUC"]
             print("| " + " | ".join(header) + " |")
             print("|" + "---|" * len(header))
