@@ -14,6 +14,7 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from multifair.cli import main
+from multifair.errors import UserError
 from multifair.evaluation import diagnose as dg
 from multifair.training.config import resolve_run_config
 
@@ -458,3 +459,188 @@ def test_diagnose_on_a_table_with_a_missing_block(tmp_path, capsys):
         params = {k: v for k, v in block.items() if k != "name"}
         assert METHODS.get(block["name"]).supports_missing
         build_method(block["name"], params, ["A", "B"], 3)
+
+
+# ---------------------------------------------------------------------------------------
+# multi-class labels: macro one-vs-rest AUCs, only methods that train K classes
+
+
+def multiclass_scores(n: int = 600, seeds: int = 2, k: int = 3, *, head_d: float = 1.0, alone_d: float = 1.0, seed: int = 0) -> dg.SplitScores:  # fmt: skip
+    """Constructed (S, n, K) softmax probabilities: the true class's logit raised by d."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    codes = rng.integers(0, 2, n)
+
+    def probs(d: float) -> np.ndarray:
+        z = rng.standard_normal((n, k)) + d * np.eye(k)[y]
+        return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
+    return dg.SplitScores(
+        y=y,
+        attributes={"sex": codes},
+        group_names={"sex": {0: "F", 1: "M"}},
+        fused=np.stack([probs(1.5) for _ in range(seeds)]),
+        heads={
+            "A": np.stack([probs(2.0) for _ in range(seeds)]),
+            "B": np.stack([probs(head_d) for _ in range(seeds)]),
+        },
+        alone={
+            "A": np.stack([probs(2.0) for _ in range(seeds)]),
+            "B": np.stack([probs(alone_d) for _ in range(seeds)]),
+        },
+    )
+
+
+def macro(y: np.ndarray, p: np.ndarray) -> float:
+    return roc_auc_score(y, p, multi_class="ovr", average="macro")
+
+
+def test_multiclass_imbalance_and_group_aucs_are_sklearns_macro_one_vs_rest():
+    scores = multiclass_scores(head_d=0.5, alone_d=1.5)
+    assert scores.n_classes == 3
+    result = dg.modality_imbalance(scores, n_boot=200)
+    for m in ("A", "B"):
+        head = np.mean([macro(scores.y, s) for s in scores.heads[m]])
+        alone = np.mean([macro(scores.y, s) for s in scores.alone[m]])
+        assert result[m]["head_auc"] == pytest.approx(head, abs=1e-12)
+        assert result[m]["alone_auc"] == pytest.approx(alone, abs=1e-12)
+        lo, hi = result[m]["ci"]
+        assert lo <= alone - head <= hi
+    assert result["B"]["under_trained"] and not result["A"]["under_trained"]
+    gap = dg.group_gap(scores, "sex", n_boot=200, n_perm=200)
+    for entry in gap["groups"]:
+        member = scores.attributes["sex"] == entry["code"]
+        expected = np.mean([macro(scores.y[member], s[member]) for s in scores.fused])
+        assert entry["auc"] == pytest.approx(expected, abs=1e-12)
+        assert entry["class_counts"] == np.bincount(scores.y[member], minlength=3).tolist()
+        assert "positives" not in entry
+    assert 0 <= gap["p_value"] <= 1 and np.isfinite(gap["noise_median"])
+
+
+def test_a_group_needs_min_class_patients_of_every_class():
+    scores = multiclass_scores(n=300, seeds=1, seed=1)
+    codes = scores.attributes["sex"].copy()
+    # group 2: plenty of classes 0 and 1, only MIN_CLASS - 1 of class 2
+    small = np.concatenate(
+        [np.flatnonzero(scores.y == c)[:20] for c in (0, 1)]
+        + [np.flatnonzero(scores.y == 2)[: dg.MIN_CLASS - 1]]
+    )
+    codes[small] = 2
+    scores.attributes["sex"] = codes
+    scores.group_names["sex"][2] = "X"
+    result = dg.group_gap(scores, "sex", n_boot=100, n_perm=100)
+    by_name = {g["name"]: g for g in result["groups"]}
+    assert by_name["X"]["auc"] is None and "fewer than 5 of a class" in by_name["X"]["note"]
+    assert by_name["X"]["class_counts"] == [20, 20, dg.MIN_CLASS - 1]
+    assert by_name["F"]["auc"] is not None and result["gap"] is not None
+
+
+def test_a_split_without_some_class_is_refused():
+    scores = multiclass_scores(n=200, seeds=1)
+    keep = scores.y != 2
+    scores = dg.SplitScores(
+        y=scores.y[keep],
+        attributes={"sex": scores.attributes["sex"][keep]},
+        group_names=scores.group_names,
+        fused=scores.fused[:, keep],
+        heads={m: s[:, keep] for m, s in scores.heads.items()},
+        alone={m: s[:, keep] for m, s in scores.alone.items()},
+    )
+    with pytest.raises(UserError, match=r"no patient of class\(es\) \[2\]"):
+        dg.diagnose_split(scores, n_boot=100, n_perm=10)
+
+
+def build_all(blocks, n_classes: int) -> None:
+    """Every block builds for an `n_classes`-way label (`build_method` calls check_classes)."""
+    from multifair.methods.base import build_method
+
+    for block in blocks:
+        block = block or {"name": "erm"}
+        build_method(block["name"], {k: v for k, v in block.items() if k != "name"}, ["A", "B"], 3, n_classes=n_classes)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("lag", "gap", "kind", "blocks"),
+    [
+        (False, False, "none", [None]),
+        (True, False, "imbalance", [dg.UNIMODAL]),
+        (False, True, "groups", [dg.MC_GROUP_WEIGHTS, dg.REWEIGHT]),
+        (True, True, "both", [dg.UNIMODAL]),
+    ],
+)
+@pytest.mark.parametrize("images", [False, True])
+def test_multiclass_recommendation_trains_k_classes(lag, gap, kind, blocks, images):
+    rec = dg.recommend(_imbalance(lag), _gaps(race=gap), train_attribute="race", image_encoders=images, n_classes=3)  # fmt: skip
+    assert rec.kind == kind and [b for _, b in rec.lines] == blocks
+    build_all([b for _, b in rec.lines], n_classes=3)
+    assert "docs/results.md" in rec.why
+    if gap:
+        assert rec.attribute == "race" and "refuse a K-class label" in rec.why
+    if kind == "groups":
+        assert "+0.015 [+0.006, +0.023]" in rec.why
+    # the binary advice it replaces does not train K classes
+    binary = dg.recommend(_imbalance(lag), _gaps(race=gap), train_attribute="race", image_encoders=images)  # fmt: skip
+    if gap:
+        with pytest.raises(UserError, match="needs a binary label"):
+            build_all([b for _, b in binary.lines], n_classes=3)
+
+
+def test_multiclass_blocks_resolve_and_are_named_as_in_the_results_notes():
+    assert dg.label(dg.MC_GROUP_WEIGHTS) == "multifair_adam val-levels val-groups"
+    assert dg.label(dg.REWEIGHT) == "reweight p=1"
+    base = yaml.safe_load((CONFIGS / "diabetes.yaml").read_text())
+    for block in (dg.MC_GROUP_WEIGHTS, dg.REWEIGHT):
+        line = dg.flow(block)
+        assert yaml.safe_load(line) == block
+        assert resolve_run_config(overrides=[f"method={line}"], base=base).method.name == block["name"]  # fmt: skip
+
+
+def test_diagnose_on_a_three_class_table(tmp_path, capsys):
+    """`multifair data synth table --classes 3` end to end, 2 seeds: the report's head and
+    alone AUCs are sklearn's macro one-vs-rest AUCs of the predictions CSVs averaged over the
+    seeds, the groups' too, and every recommended row (and confirm.yaml's) trains 3 classes."""
+    import pandas as pd
+
+    from multifair.evaluation.benchmark import load_benchmark
+
+    data = tmp_path / "t3"
+    assert main(["data", "synth", "table", str(data), "--classes", "3", "--n", "600"]) == 0
+    out = tmp_path / "diag"
+    args = [str(data / "table.yaml"), "--epochs", "3", "--seeds", "2", "--n-boot", "200"]
+    assert main(["diagnose", *args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "macro one-vs-rest AUC over the 3 classes none, moderate, severe" in printed
+    diagnosis = json.loads((out / "diagnosis.json").read_text())
+    classes = diagnosis["classes"]
+    assert classes == ["none", "moderate", "severe"]
+    for split in ("val", "test"):
+        result = diagnosis["splits"][split]
+        assert "label" not in result["groups"] and set(result["groups"]) == {"race", "sex", "age"}
+        frames = {
+            (run, s): pd.read_csv(
+                out / "runs" / run / f"seed{s}" / f"predictions_{split}.csv"
+            ).set_index("sample_id")
+            for run in ("erm", "unimodal_A", "unimodal_B")
+            for s in (0, 1)
+        }
+        order = frames[("erm", 0)].index
+        y = frames[("erm", 0)]["label"].to_numpy()
+        for m in ("A", "B"):
+            head = np.mean([macro(y, frames[("erm", s)][[f"aux_score_{m}_{c}" for c in classes]].to_numpy()) for s in (0, 1)])  # fmt: skip
+            alone = np.mean([macro(y, frames[(f"unimodal_{m}", s)].loc[order, [f"score_{c}" for c in classes]].to_numpy()) for s in (0, 1)])  # fmt: skip
+            assert result["modalities"][m]["head_auc"] == pytest.approx(head, abs=1e-9)
+            assert result["modalities"][m]["alone_auc"] == pytest.approx(alone, abs=1e-9)
+        erm = frames[("erm", 0)]
+        for entry in result["groups"]["sex"]["groups"]:
+            if entry["auc"] is None:
+                continue
+            rows = (erm["sex"] == entry["code"]).to_numpy()
+            expected = np.mean([macro(y[rows], frames[("erm", s)][[f"score_{c}" for c in classes]].to_numpy()[rows]) for s in (0, 1)])  # fmt: skip
+            assert entry["auc"] == pytest.approx(expected, abs=1e-9)
+    rec = diagnosis["recommendation"]
+    blocks = [yaml.safe_load(line.split("method: ", 1)[1]) for _, line in rec["lines"]]
+    build_all(blocks, n_classes=3)
+    assert not any("stacking" in str(b) for b in blocks)
+    if rec["kind"] != "none":
+        bench, _ = load_benchmark(out / "confirm.yaml")
+        build_all([m.method for m in bench.methods], n_classes=3)

@@ -201,3 +201,32 @@ def test_weighted_auc_is_sklearns_weighted_auc_per_row():
     np.testing.assert_allclose(got[:20], reps, atol=1e-12)
     with pytest.raises(UserError, match="weights: expected shape"):
         weighted_auc(y, s, np.ones(n))
+
+
+def test_weighted_auc_of_class_probabilities_is_sklearns_macro_one_vs_rest_per_row():
+    """(n, K) scores: the macro one-vs-rest AUC under integer bootstrap counts, against
+    sklearn on the resampled rows themselves and with sample_weight; the mean over classes of
+    the binary weighted AUC of each class against the rest; the replicates of
+    bootstrap_metrics' multi-class overall AUC; NaN when a row weights no patient of a class."""
+    rng = np.random.default_rng(5)
+    n, k = 150, 3
+    y = rng.integers(0, k, n)
+    logits = rng.standard_normal((n, k)) + 1.5 * np.eye(k)[y]
+    p = np.round(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), 2)  # ties
+    p /= p.sum(axis=1, keepdims=True)
+    indices = bootstrap_indices(n, 20, seed=2)
+    counts = resample_counts(indices, n)
+    missing_class = (y != 2)[None, :].astype(float)
+    got = weighted_auc(y, p, np.concatenate([counts, missing_class]))
+    assert got.shape == (21,) and np.isnan(got[-1])
+    for idx, row, value in zip(indices, counts, got[:-1]):
+        resampled = roc_auc_score(y[idx], p[idx], multi_class="ovr", average="macro")
+        assert value == pytest.approx(resampled, abs=1e-12)
+        weighted = roc_auc_score(y, p, multi_class="ovr", average="macro", sample_weight=row)
+        assert value == pytest.approx(weighted, abs=1e-12)
+    per_class = np.mean([weighted_auc(y == c, p[:, c], counts) for c in range(k)], axis=0)
+    np.testing.assert_allclose(got[:-1], per_class, atol=1e-12)
+    reps = bootstrap_metrics(y, p, sensitive_features={}, n_boot=20, seed=2)["overall"]["auc"]
+    np.testing.assert_allclose(got[:-1], reps, atol=1e-12)
+    everyone = weighted_auc(y, p, np.ones((1, n)))[0]
+    assert everyone == pytest.approx(roc_auc_score(y, p, multi_class="ovr"), abs=1e-12)

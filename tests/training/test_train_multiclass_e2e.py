@@ -142,14 +142,6 @@ def test_four_class_fairvision_amd_trains(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["test"]["classes"] == names
 
 
-def test_diagnose_refuses_multiclass_data_before_training(table, tmp_path, capsys):
-    args = ["diagnose", str(table / "table.yaml"), "--out", str(tmp_path / "d")]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the data has 3 classes (none, moderate, severe)" in err[0]
-    assert not (tmp_path / "d" / "runs").exists()
-
-
 @pytest.mark.parametrize(
     "block",
     [

@@ -234,12 +234,28 @@ def train_runs(
 
 
 def read_scores(
-    runs: dict[tuple[str, int], Path], modalities: Sequence[str], seeds: int, split: str
+    runs: dict[tuple[str, int], Path],
+    modalities: Sequence[str],
+    seeds: int,
+    split: str,
+    classes: Sequence[str] | None = None,
 ) -> dg.SplitScores:
-    """The split's predictions of every run, aligned by sample_id to erm seed 0's order."""
+    """The split's predictions of every run, aligned by sample_id to erm seed 0's order.
+    `classes` (a K-class label): the `score_<class>` and `aux_score_<modality>_<class>`
+    columns in class order, as (S, n, K) scores."""
     import pandas as pd
 
-    from multifair.csvcheck import AUX_SCORE_PREFIX, PRESENT_PREFIX
+    from multifair.csvcheck import AUX_SCORE_PREFIX, PRESENT_PREFIX, SCORE_PREFIX
+
+    def columns(table: pd.DataFrame, binary: str, prefix: str) -> np.ndarray:
+        """(n,) the binary score column, or (n, K) the per-class columns `prefix<class>`."""
+        if classes is None:
+            return table[binary].to_numpy(float)
+        names = [f"{prefix}{c}" for c in classes]
+        absent = [c for c in names if c not in table.columns]
+        if absent:
+            raise UserError(f"predictions_{split}.csv: no column(s) {absent}")
+        return table[names].to_numpy(float)
 
     def frame(label: str, seed: int) -> pd.DataFrame:
         path = runs[(label, seed)] / f"predictions_{split}.csv"
@@ -248,7 +264,8 @@ def read_scores(
 
     first = frame("erm", 0)
     order = first.index
-    attributes = [c for c in first.columns if f"{c}_name" in first.columns]
+    # `<attribute>, <attribute>_name` pairs (a K-class label's `label_name` is not one)
+    attributes = [c for c in first.columns if f"{c}_name" in first.columns and c != "label"]
 
     present = {
         c[len(PRESENT_PREFIX) :]: first[c].to_numpy(np.int64) == 1
@@ -269,10 +286,14 @@ def read_scores(
     heads, alone = {}, {}
     if len(modalities) > 1:
         for m in modalities:
-            heads[m] = np.stack([t[f"{AUX_SCORE_PREFIX}{m}"].to_numpy(float) for t in erm])
+            aux = f"{AUX_SCORE_PREFIX}{m}"
+            heads[m] = np.stack([columns(t, aux, f"{aux}_") for t in erm])
             have = present.get(m)
             alone[m] = np.stack(
-                [aligned(f"unimodal_{m}", s, have)["score"].to_numpy(float) for s in range(seeds)]
+                [
+                    columns(aligned(f"unimodal_{m}", s, have), "score", SCORE_PREFIX)
+                    for s in range(seeds)
+                ]
             )
     return dg.SplitScores(
         y=first["label"].to_numpy(np.int64),
@@ -280,7 +301,7 @@ def read_scores(
         group_names={
             a: {int(c): str(n) for c, n in zip(first[a], first[f"{a}_name"])} for a in attributes
         },
-        fused=np.stack([t["score"].to_numpy(float) for t in erm]),
+        fused=np.stack([columns(t, "score", SCORE_PREFIX) for t in erm]),
         heads=heads,
         alone=alone,
         present=present,
@@ -382,13 +403,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/diagnose-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     # validate everything before the first run: the config, the modalities
     probe = run_config(raw, {"name": "erm"}, 0, out / "runs" / "erm" / "seed0", args.epochs)
+    # a K-class label (K > 2): macro one-vs-rest AUCs, and only methods that train K classes;
+    # two named classes predict one positive-class score, as a 0/1 label does
     spec = probe.data.class_spec()
-    if spec is not None:
-        raise UserError(
-            f"multifair diagnose compares binary scores (AUC gaps of positive-class "
-            f"probabilities); the data has {len(spec.names)} classes ({', '.join(spec.names)}). "
-            "Train erm and the unimodal runs and compare their multi-class metrics instead"
-        )
+    classes = None if spec is None or len(spec.names) <= 2 else list(spec.names)
     kinds = modality_kinds(probe.data)
     modalities = list(kinds)
     train_attribute = probe.data.attribute
@@ -404,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     trained = train_runs(raw, runs, out, args.epochs)
     splits = {
         split: dg.diagnose_split(
-            read_scores(trained, modalities, args.seeds, split), n_boot=args.n_boot
+            read_scores(trained, modalities, args.seeds, split, classes), n_boot=args.n_boot
         )
         for split in ("val", "test")
     }
@@ -414,6 +432,7 @@ def run(args: argparse.Namespace) -> int:
         train_attribute=train_attribute,
         image_encoders=any(k in ("image", "volume") for k in kinds.values()),
         missing=splits["val"]["missing"],
+        n_classes=2 if classes is None else len(classes),
     )
     confirm = None
     if rec.kind != "none":
@@ -436,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
         "data": args.data,
         "kind": probe.data.kind,
         "modalities": kinds,
+        **({} if classes is None else {"classes": classes}),  # K-class: macro one-vs-rest AUCs
         "train_attribute": train_attribute,
         "seeds": args.seeds,
         "epochs": probe.train.epochs,

@@ -116,14 +116,29 @@ def weighted_auc(y_true: object, y_score: object, weights: np.ndarray) -> np.nda
     times (ties count one half). Rows of `resample_counts` give bootstrap replicates; 0/1 rows
     give the AUC of a subset, e.g. a group under a permutation of the group labels. NaN where a
     row weights a single class. Pairing: the same `weights` on two score vectors of the same
-    samples resample the same patients for both."""
-    y, s, _ = check_inputs(y_true, y_score)
+    samples resample the same patients for both.
+
+    Multi-class scores (n, K) of class probabilities (labels 0..K-1) give the macro
+    one-vs-rest AUC under each row, as `bootstrap_metrics` computes it: the mean over classes k
+    of the weighted AUC of `y == k` scored by column k; NaN where a row weights no patient of
+    some class (or no patient outside it)."""
+    if is_multiclass(y_score):
+        y, p, _ = check_multiclass_inputs(y_true, y_score)
+        everyone = np.ones(len(y), dtype=bool)
+        subsets = [
+            _SortedSubset(np.argsort(p[:, c], kind="stable"), p[:, c], y == c, everyone)
+            for c in range(p.shape[1])
+        ]
+        score = lambda counts: _macro(subsets, counts)  # noqa: E731
+    else:
+        y, s, _ = check_inputs(y_true, y_score)
+        whole = _SortedSubset(np.argsort(s, kind="stable"), s, y, np.ones(len(y), dtype=bool))
+        score = whole.auc
     weights = np.asarray(weights, dtype=np.float64)
     if weights.ndim != 2 or weights.shape[1] != len(y):
         raise UserError(f"weights: expected shape (r, {len(y)}), got {weights.shape}")
-    everyone = _SortedSubset(np.argsort(s, kind="stable"), s, y, np.ones(len(y), dtype=bool))
     chunk = max(1, _CHUNK_ELEMENTS // len(y))
-    parts = [everyone.auc(weights[i : i + chunk]) for i in range(0, len(weights), chunk)]
+    parts = [score(weights[i : i + chunk]) for i in range(0, len(weights), chunk)]
     return np.concatenate(parts) if parts else np.empty(0)
 
 
