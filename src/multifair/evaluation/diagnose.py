@@ -481,8 +481,8 @@ def _recommend(
 MC_EVIDENCE = (
     "On the 4-class synthetic table (10 new data draws, macro one-vs-rest AUC) "
     "`multifair_adam` with validation levels and group weights gave ES-AUC +0.015 [+0.006, "
-    "+0.023] at AUC -0.0055 [-0.008, -0.003], reweighting (p=1) +0.021 [+0.011, +0.031] at AUC "
-    "-0.015 [-0.020, -0.010] (docs/results.md, Multi-class labels)"
+    "+0.023] at AUC -0.0055 [-0.0081, -0.0028], reweighting (p=1) +0.021 [+0.011, +0.031] at "
+    "AUC -0.015 [-0.020, -0.010] (docs/results.md, Multi-class labels)"
 )
 MC_NO_STACKING = (
     "The group-aware and group-blind stacking rows of the binary advice recombine binary "
