@@ -56,11 +56,10 @@ def load_run(
     kind; the preprocessing state fitted at training time is restored from the checkpoint."""
     import multifair.methods  # noqa: F401
     from multifair.data import build_data
-    from multifair.methods.base import METHODS, build_method
-    from multifair.models import build_model
     from multifair.training import checkpoint, run
-    from multifair.training.config import method_params, resolve_run_config
+    from multifair.training.config import resolve_run_config
     from multifair.training.distributed import resolve_device
+    from multifair.training.trainer import build_model_and_method, run_modalities
 
     run_dir = Path(run_dir)
     cfg = resolve_run_config(base=run.read_config(run_dir), source=run.config_source(run_dir))
@@ -70,23 +69,11 @@ def load_run(
     state = checkpoint.load(path)
     data_cfg = data_override if data_override is not None else cfg.data
     data = build_data(data_cfg, splits, state=state.get("data_state"))
-    params = method_params(cfg)
-    method_cls = METHODS.get(cfg.method.name)
-    modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
+    modalities = run_modalities(cfg, data)
     dev = resolve_device(device)
-    specs = {m: data.modalities[m] for m in modalities}
     # the learned missing tokens exist when the run was trained on data with missing modalities
     missing = "missing_tokens" in state.get("model", {})
-    model = build_model(
-        cfg.model,
-        specs,
-        dataset_modalities=list(data.modalities),
-        n_classes=data.n_classes,
-        missing=missing,
-    ).to(dev)
-    method = build_method(cfg.method.name, params, modalities, data.n_groups, data.n_classes)
-    method.setup(model)
-    method.to(dev)
+    model, method = build_model_and_method(cfg, data, modalities, missing, dev)
     checkpoint.load_model(model, state, path)
     method.load_state_dict(state["method"])
     return LoadedRun(cfg, data, model, method, modalities, dev, str(path))

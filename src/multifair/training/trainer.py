@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from multifair.console import bars_enabled
 from multifair.errors import Stopped, UserError
 from multifair.methods.base import (
+    METHODS,
     LossOutput,
     Method,
     StepContext,
@@ -312,6 +313,36 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def run_modalities(cfg: Any, data: Any) -> list[str]:
+    """The modalities a run's model reads: the data's, or the method's choice (unimodal)."""
+    method_cls = METHODS.get(cfg.method.name)
+    params = method_cls.Params(**method_params(cfg))
+    return method_cls.model_modalities(params, list(data.modalities))
+
+
+def build_model_and_method(
+    cfg: Any, data: Any, modalities: list[str], missing: bool, device: torch.device
+) -> tuple[nn.Module, Method]:
+    """A run's model and method on `device`, from its resolved config and data (training, and
+    `evaluate`/`predict` before loading a checkpoint). `missing`: the model gets the learned
+    missing-modality tokens."""
+    from multifair.models import build_model
+
+    model = build_model(
+        cfg.model,
+        {m: data.modalities[m] for m in modalities},
+        dataset_modalities=list(data.modalities),
+        n_classes=data.n_classes,
+        missing=missing,
+    ).to(device)
+    method = build_method(
+        cfg.method.name, method_params(cfg), modalities, data.n_groups, data.n_classes
+    )
+    method.setup(model)  # parameters whose shapes depend on the model (FIN)
+    method.to(device)
+    return model, method
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002  (legacy global RNG, for user code)
@@ -336,8 +367,6 @@ def _train(
     cfg: Any, env: DistEnv, resume_dir: str | Path | None, held: list[run.RunLock]
 ) -> TrainResult:
     from multifair.data import build_data
-    from multifair.methods.base import METHODS
-    from multifair.models import build_model
 
     tc = cfg.train
     device = env.device
@@ -374,10 +403,8 @@ def _train(
     attribute, n_groups = data.train_attribute, data.n_groups
 
     # model and method: same seed on every rank, then rank 0's weights everywhere
-    params = method_params(cfg)
     method_cls = METHODS.get(cfg.method.name)
-    modalities = method_cls.model_modalities(method_cls.Params(**params), list(data.modalities))
-    specs = {m: data.modalities[m] for m in modalities}
+    modalities = run_modalities(cfg, data)
     # only the modalities this model reads count (a unimodal model of a complete modality
     # trains on data where another one is missing)
     missing = bool(data.lacking & set(modalities))
@@ -387,16 +414,7 @@ def _train(
             f"one: {data.describe_missing()}); use a method that does ({supporting_methods()}) "
             "or set data.missing_modalities to drop or impute"
         )
-    model = build_model(
-        cfg.model,
-        specs,
-        dataset_modalities=list(data.modalities),
-        n_classes=data.n_classes,
-        missing=missing,
-    ).to(device)
-    method = build_method(cfg.method.name, params, modalities, n_groups, data.n_classes)
-    method.setup(model)  # parameters whose shapes depend on the model (FIN)
-    method.to(device)
+    model, method = build_model_and_method(cfg, data, modalities, missing, device)
     distributed.broadcast_state(model, env)
     distributed.broadcast_state(method, env)
     optimizer, groups = build_optimizer(model, method, tc, device)
@@ -430,6 +448,19 @@ def _train(
     total_steps = steps_per_epoch * tc.epochs
     schedule = Schedule(tc, total_steps)
     to_device = data.to_device
+
+    def predict_on(loader: Any) -> Any:
+        """The model's predictions on one split's loader (gathered from every rank)."""
+        return predict(
+            model,
+            method,
+            loader,
+            to_device=to_device,
+            env=env,
+            amp_dtype=amp_dtype,
+            classes=data.classes,
+        )
+
     data_state = data.state()  # preprocessing fitted on train: `predict` on new data reuses it
     frozen = checkpoint.frozen_signature(model)  # not stored in checkpoints; checked on load
 
@@ -614,15 +645,7 @@ def _train(
 
             # ---- validate, select, checkpoint ----
             distributed.broadcast_state(model, env)  # BatchNorm statistics of rank 0 everywhere
-            val_preds = predict(
-                model,
-                method,
-                val_loader,
-                to_device=to_device,
-                env=env,
-                amp_dtype=amp_dtype,
-                classes=data.classes,
-            )
+            val_preds = predict_on(val_loader)
             val = evaluate_predictions(val_preds, data.group_names, attribute)
             val_groups = val_preds.attributes.get(attribute)  # aligned with the predictions
             epoch_stats.update(method.on_validation(val_preds, val_groups) or {})
@@ -689,28 +712,8 @@ def _train(
         method.load_state_dict(selected["method"])
         posthoc: dict[str, Any] = {}
         if method.fits_after_selection:
-            val_preds = predict(
-                model,
-                method,
-                val_loader,
-                to_device=to_device,
-                env=env,
-                amp_dtype=amp_dtype,
-                classes=data.classes,
-            )
-            train_preds = (
-                predict(
-                    model,
-                    method,
-                    eval_loader("train"),
-                    to_device=to_device,
-                    env=env,
-                    amp_dtype=amp_dtype,
-                    classes=data.classes,
-                )
-                if method.fits_on_train
-                else None
-            )
+            val_preds = predict_on(val_loader)
+            train_preds = predict_on(eval_loader("train")) if method.fits_on_train else None
             posthoc = (
                 method.on_selected(
                     val_preds,
@@ -726,15 +729,7 @@ def _train(
         summaries: dict[str, Any] = {}
         aux_auc: dict[str, dict[str, float]] = {}
         for split in dict.fromkeys(["val", "test", *cfg.output.predictions]):
-            preds = predict(
-                model,
-                method,
-                val_loader if split == "val" else eval_loader(split),
-                to_device=to_device,
-                env=env,
-                amp_dtype=amp_dtype,
-                classes=data.classes,
-            )
+            preds = predict_on(val_loader if split == "val" else eval_loader(split))
             if split in ("val", "test"):
                 n_boot = cfg.output.n_boot if split == "test" else 0
                 summaries[split] = evaluate_predictions(
